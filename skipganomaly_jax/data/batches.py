@@ -1,0 +1,174 @@
+"""Deterministic multi-process batching of in-memory images.
+
+Every process holds the full arrays and computes the same global batches; process p of
+P takes rows [p * B/P, (p + 1) * B/P) of each global batch of B. So P processes together
+see exactly what one process with the global batch sees, and training can resume from an
+(epoch, step) pair alone.
+"""
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+
+from skipganomaly_jax.data.images import to_float
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+  """global_batch_size // process_count, after checking the arguments."""
+  if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int | np.integer):
+    raise ValueError(f'The global batch size must be an int, got {global_batch_size!r}.')
+  if global_batch_size < 1 or process_count < 1:
+    raise ValueError(
+      f'Need a positive global batch and process count, got {global_batch_size} and '
+      f'{process_count}.'
+    )
+  if global_batch_size % process_count:
+    raise ValueError(
+      f'The global batch size {global_batch_size} is not divisible by the process count '
+      f'{process_count}: set --config.batch_size / --config.eval_batch_size to a multiple '
+      f'of {process_count}.'
+    )
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in [0, {process_count}).')
+  return int(global_batch_size) // process_count
+
+
+class TrainIterator:
+  """Infinite iterator of this process's share of global training batches.
+
+  Epoch e visits `np.random.default_rng([seed, e]).permutation(N)` in global batches of
+  global_batch_size (the last partial batch is dropped); the order is the same in every
+  process, which takes its own rows of each global batch.
+
+  Attributes:
+    steps_per_epoch: len(images) // global_batch_size.
+    local_batch_size: global_batch_size // process_count.
+  """
+
+  def __init__(
+    self,
+    images: np.ndarray,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
+    """Initialises the iterator at epoch 0, step 0.
+
+    Args:
+      images: uint8 (N, H, W, C) training images (kept by reference, not copied).
+      global_batch_size: images per step over all processes.
+      seed: shuffling seed (a non-negative int).
+      process_index: this process, in [0, process_count).
+      process_count: number of processes sharing each global batch.
+    """
+    self.local_batch_size = _local_batch_size(global_batch_size, process_index, process_count)
+    if len(images) < global_batch_size:
+      raise ValueError(
+        f'{len(images)} training images are fewer than one global batch of '
+        f'{global_batch_size}: lower --config.batch_size or add training images.'
+      )
+    self._images = images
+    self._global = int(global_batch_size)
+    self._seed = int(seed)
+    self._offset = process_index * self.local_batch_size
+    self.steps_per_epoch = len(images) // self._global
+    self._epoch, self._step = 0, 0
+    self._perm_epoch, self._perm = -1, None
+
+  def __iter__(self) -> 'TrainIterator':
+    return self
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch != self._perm_epoch:
+      self._perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._images))
+      self._perm_epoch = epoch
+    return self._perm
+
+  def __next__(self) -> np.ndarray:
+    """The next local batch: float32 [-1, 1], (global_batch_size // process_count, H, W, C)."""
+    if self._step >= self.steps_per_epoch:
+      self._epoch, self._step = self._epoch + 1, 0
+    start = self._step * self._global + self._offset
+    rows = self._permutation(self._epoch)[start : start + self.local_batch_size]
+    self._step += 1
+    return to_float(self._images[rows])
+
+  def get_state(self) -> dict:
+    """The position as JSON-serialisable ints: {'epoch': e, 'step_in_epoch': s}."""
+    return {'epoch': int(self._epoch), 'step_in_epoch': int(self._step)}
+
+  def set_state(self, state: dict) -> None:
+    """Resumes from a `get_state()` dict: the next batch is the one that followed it."""
+    epoch, step = int(state['epoch']), int(state['step_in_epoch'])
+    if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
+      raise ValueError(
+        f'Invalid iterator state {state!r}: step_in_epoch must be in '
+        f'[0, {self.steps_per_epoch}] and epoch >= 0 (did the dataset or batch size change?).'
+      )
+    self._epoch, self._step = epoch, step
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBatch:
+  """This process's share of one padded global evaluation batch.
+
+  Attributes:
+    images: float32 [-1, 1] (global_batch_size // process_count, H, W, C), zero-padded.
+    labels: int32, padded with 0.
+    mask: bool, False on padding.
+    indices: int64 index into the full array, -1 on padding.
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+  mask: np.ndarray
+  indices: np.ndarray
+
+
+def eval_batches(
+  images: np.ndarray,
+  labels: np.ndarray | None,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[EvalBatch]:
+  """Covers every image exactly once across processes, in full-shape (padded) batches.
+
+  Every process yields ceil(N / global_batch_size) batches of the same shape, so a
+  jitted function never recompiles and collective ops stay in step.
+
+  Args:
+    images: uint8 [0, 255] or float [-1, 1] images (N, H, W, C).
+    labels: int (N,) labels, or None for all zeros.
+    global_batch_size: images per batch over all processes.
+    process_index: this process, in [0, process_count).
+    process_count: number of processes.
+
+  Returns:
+    An iterator of `EvalBatch`. Arguments are checked when this is called.
+  """
+  local = _local_batch_size(global_batch_size, process_index, process_count)
+  n = len(images)
+  if labels is None:
+    labels = np.zeros(n, np.int32)
+  if len(labels) != n:
+    raise ValueError(f'{n} images but {len(labels)} labels.')
+  return _eval_batches(images, np.asarray(labels), int(global_batch_size), local, process_index)
+
+
+def _eval_batches(images, labels, global_batch_size, local, process_index):
+  n = len(images)
+  for start in range(0, n, global_batch_size):
+    first = start + process_index * local
+    indices = np.arange(first, first + local, dtype=np.int64)
+    mask = indices < n
+    indices[~mask] = -1
+    real = indices[mask]
+    batch = np.zeros((local, *images.shape[1:]), np.float32)
+    chunk = images[real]
+    batch[: len(real)] = to_float(chunk) if chunk.dtype == np.uint8 else chunk
+    batch_labels = np.zeros(local, np.int32)
+    batch_labels[: len(real)] = labels[real]
+    yield EvalBatch(images=batch, labels=batch_labels, mask=mask, indices=indices)

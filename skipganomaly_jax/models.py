@@ -1,0 +1,190 @@
+"""Skip-GANomaly networks: a U-Net generator and a DCGAN discriminator (Flax linen).
+
+Layer-by-layer as in `shared/SPEC.md` (pix2pix U-Net for G, DCGAN for D), NHWC, inputs
+in [-1, 1]. With ngf=ndf=64, nz=100, isize=32 the parameter counts equal the reference's
+exactly (G 16,659,075 / D 1,069,700 for nc=3).
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from skipganomaly_jax import layers
+
+Dtype = Any
+
+ALLOWED_NC = (1, 3)
+BN_MOMENTUM = 0.9  # = PyTorch momentum 0.1.
+BN_EPSILON = 1e-5
+
+
+def bn_scale_init(key, shape, dtype=jnp.float32):
+  """BatchNorm scale ~ N(1, 0.02), as the reference's `weights_init`."""
+  return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def check_architecture(isize: int, nc: int) -> None:
+  """Raises ValueError unless isize is a power of two >= 32 and nc is 1 or 3."""
+  if not isinstance(isize, int) or isize < 32 or isize & (isize - 1):
+    raise ValueError(
+      f'isize must be a power of two >= 32 (32, 64, 128, ...); got {isize!r}. '
+      'Resize your images or set config.isize accordingly.'
+    )
+  if nc not in ALLOWED_NC:
+    raise ValueError(f'nc (image channels) must be 1 or 3; got {nc!r}.')
+
+
+def _batch_norm(train: bool, axis_name, dtype, name: str) -> nn.BatchNorm:
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=BN_MOMENTUM,
+    epsilon=BN_EPSILON,
+    scale_init=bn_scale_init,
+    axis_name=axis_name if train else None,
+    dtype=dtype,
+    name=name,
+  )
+
+
+class Generator(nn.Module):
+  """U-Net encoder-decoder with skip connections; output in [-1, 1] (tanh).
+
+  Attributes:
+    isize: image height = width, a power of two >= 32 (sets the number of levels).
+    nc: image channels (1 or 3).
+    ngf: width of the first level; widths double per level, capped at 8 * ngf.
+    axis_name: mapped axis over which BatchNorm averages batch statistics in training.
+    dtype: compute dtype (parameters stay float32).
+  """
+
+  isize: int = 32
+  nc: int = 3
+  ngf: int = 64
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    check_architecture(self.isize, self.nc)
+    levels = int(math.log2(self.isize))
+    widths = [self.ngf * min(2**i, 8) for i in range(levels)]
+    skips = []
+    h = x.astype(self.dtype)
+    for i in range(levels):
+      if i > 0:
+        h = nn.leaky_relu(h, 0.2)
+      h = layers.Conv(widths[i], dtype=self.dtype, name=f'down_{i}')(h)
+      if 0 < i < levels - 1:  # Outermost and innermost levels have no norm.
+        h = _batch_norm(train, self.axis_name, self.dtype, f'down_bn_{i}')(h)
+      skips.append(h)
+    for i in reversed(range(levels)):
+      h = nn.relu(h)
+      if i == 0:
+        h = layers.ConvTranspose(self.nc, use_bias=True, dtype=self.dtype, name='up_0')(h)
+        return jnp.tanh(h.astype(jnp.float32))
+      h = layers.ConvTranspose(widths[i - 1], dtype=self.dtype, name=f'up_{i}')(h)
+      h = _batch_norm(train, self.axis_name, self.dtype, f'up_bn_{i}')(h)
+      h = jnp.concatenate([skips[i - 1], h], axis=-1)  # Skip first, as the reference.
+
+
+class Discriminator(nn.Module):
+  """DCGAN discriminator that is also the feature extractor f(.).
+
+  Returns:
+    (logits, features): logits of shape (N,) (sigmoid = probability of "real") and the
+    nz-dimensional features of shape (N, nz).
+  """
+
+  isize: int = 32
+  nc: int = 3
+  ndf: int = 64
+  nz: int = 100
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    check_architecture(self.isize, self.nc)
+    h = layers.Conv(self.ndf, dtype=self.dtype, name='conv_0')(x.astype(self.dtype))
+    h = nn.leaky_relu(h, 0.2)
+    for i in range(1, int(math.log2(self.isize)) - 2):  # Down to 4x4.
+      h = layers.Conv(self.ndf * 2**i, dtype=self.dtype, name=f'conv_{i}')(h)
+      h = _batch_norm(train, self.axis_name, self.dtype, f'bn_{i}')(h)
+      h = nn.leaky_relu(h, 0.2)
+    features = layers.Conv(
+      self.nz, kernel_size=4, stride=1, padding=0, dtype=self.dtype, name='features'
+    )(h)
+    logits = layers.Conv(
+      1, kernel_size=3, stride=1, padding=1, dtype=self.dtype, name='classifier'
+    )(features)
+    return (
+      logits.reshape(-1).astype(jnp.float32),
+      features.reshape(features.shape[0], -1).astype(jnp.float32),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The hyper-parameters that fix both networks' shapes."""
+
+  isize: int = 32
+  nc: int = 3
+  ngf: int = 64
+  ndf: int = 64
+  nz: int = 100
+
+  def __post_init__(self):
+    check_architecture(self.isize, self.nc)
+
+  @classmethod
+  def from_config(cls, config) -> 'ModelSpec':
+    return cls(
+      isize=config.isize,
+      nc=config.nc,
+      ngf=config.model.ngf,
+      ndf=config.model.ndf,
+      nz=config.model.nz,
+    )
+
+  @classmethod
+  def from_variables(cls, variables) -> 'ModelSpec':
+    """Reads the spec back from the shapes of {'generator': ..., 'discriminator': ...}."""
+    g, d = variables['generator']['params'], variables['discriminator']['params']
+    levels = sum(1 for k in g if k.startswith('down_') and 'bn' not in k)
+    return cls(
+      isize=2**levels,
+      nc=g['down_0']['kernel'].shape[2],
+      ngf=g['down_0']['kernel'].shape[3],
+      ndf=d['conv_0']['kernel'].shape[3],
+      nz=d['features']['kernel'].shape[3],
+    )
+
+  def generator(self, axis_name=None, dtype=jnp.float32) -> Generator:
+    return Generator(self.isize, self.nc, self.ngf, axis_name=axis_name, dtype=dtype)
+
+  def discriminator(self, axis_name=None, dtype=jnp.float32) -> Discriminator:
+    return Discriminator(self.isize, self.nc, self.ndf, self.nz, axis_name=axis_name, dtype=dtype)
+
+
+def reinit_params(params, rng: jax.Array):
+  """Fresh initial values for a parameter tree, by leaf name (the reference's `weights_init`).
+
+  'kernel' ~ N(0, 0.02), BatchNorm 'scale' ~ N(1, 0.02), 'bias' = 0. Used by the
+  discriminator re-initialisation guard inside the jitted step.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(rng, len(leaves))
+  new = []
+  for (path, leaf), key in zip(leaves, keys):
+    name = path[-1].key
+    if name == 'kernel':
+      new.append(0.02 * jax.random.normal(key, leaf.shape, leaf.dtype))
+    elif name == 'scale':
+      new.append(bn_scale_init(key, leaf.shape, leaf.dtype))
+    else:
+      new.append(jnp.zeros_like(leaf))
+  return jax.tree_util.tree_unflatten(treedef, new)

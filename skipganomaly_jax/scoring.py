@@ -1,0 +1,149 @@
+"""The Skip-GANomaly anomaly score: `score_fn(params, images)`.
+
+score(x) = lam * rec(x) + (1 - lam) * lat(x), lam = 0.9, with
+rec(x) = mean over pixels and channels of (x - G(x))^2 and
+lat(x) = mean over D's nz features of (f(x) - f(G(x)))^2,
+BatchNorm in eval mode (running averages), so each image's score is independent of the
+rest of the batch (the reference scores with batch statistics; see SPEC.md). Scores are
+raw: calibration (min-max, threshold) comes from held-out normal images, never the test
+set (see metrics.Calibration).
+
+`params` is one pytree, `{'generator': {'params', 'batch_stats'}, 'discriminator':
+{...}}`, the structure `skipganomaly_jax.load` returns; the architecture is read from
+its shapes.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from skipganomaly_jax.models import ModelSpec
+
+DEFAULT_LAMBDA = 0.9
+MAX_CHUNK = 256  # Images per compiled call; bounds memory and the number of compilations.
+
+
+def scoring_variables(g_state, d_state) -> dict:
+  """The `params` pytree of `score_fn` from the two TrainStates."""
+  return {
+    'generator': {'params': g_state.params, 'batch_stats': g_state.batch_stats},
+    'discriminator': {'params': d_state.params, 'batch_stats': d_state.batch_stats},
+  }
+
+
+def check_images(images, spec: ModelSpec):
+  """Validates a batch on the host and returns it as float32 in [-1, 1].
+
+  Shape checks always run; value checks (finite, range) run only on concrete arrays, so
+  that `score_fn` stays jittable.
+
+  Raises:
+    ValueError: wrong rank, size or channel count, non-finite values, or float values
+      outside [-1, 1].
+  """
+  expected = f'(N, {spec.isize}, {spec.isize}, {spec.nc})'
+  shape = tuple(np.shape(images))
+  if len(shape) != 4:
+    raise ValueError(
+      f'images must be a batch of rank 4 {expected} (NHWC); got shape '
+      f'{shape}. Add a batch axis with images[None] for a single image.'
+    )
+  if shape[1:3] != (spec.isize, spec.isize):
+    raise ValueError(
+      f'images must be {spec.isize}x{spec.isize} pixels, shape {expected}; '
+      f'got {shape[1]}x{shape[2]} (shape {shape}). Resize them first.'
+    )
+  if shape[3] != spec.nc:
+    raise ValueError(
+      f'images must have {spec.nc} channel(s), shape {expected}; got {shape[3]} (shape {shape}).'
+    )
+  dtype = np.dtype(images.dtype)
+  if dtype == np.uint8:
+    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+  if not np.issubdtype(dtype, np.floating):
+    raise ValueError(f'images must be uint8 in [0, 255] or float in [-1, 1]; got {dtype}.')
+  if isinstance(images, jax.core.Tracer):
+    return images.astype(jnp.float32)
+  host = np.asarray(images)
+  if not np.all(np.isfinite(host)):
+    bad = np.unique(np.argwhere(~np.isfinite(host))[:, 0])
+    raise ValueError(f'images contain NaN or Inf values (images {bad[:10].tolist()}).')
+  lo, hi = float(host.min(initial=0.0)), float(host.max(initial=0.0))
+  if lo < -1.001 or hi > 1.001:
+    raise ValueError(
+      f'float images must be scaled to [-1, 1]; got values in [{lo:.3g}, '
+      f'{hi:.3g}]. Pass uint8 images in [0, 255] or scale with x/127.5 - 1.'
+    )
+  return jnp.asarray(host, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=('spec', 'return_maps'))
+def _score_batch(params, images, lam, spec: ModelSpec, return_maps: bool):
+  """Scores, rec/lat terms and (optionally) reconstructions and maps of one batch."""
+  x_hat = spec.generator().apply(params['generator'], images, train=False)
+  d_model = spec.discriminator()
+  _, f_real = d_model.apply(params['discriminator'], images, train=False)
+  _, f_fake = d_model.apply(params['discriminator'], x_hat, train=False)
+  rec = jnp.mean(jnp.square(images - x_hat), axis=(1, 2, 3))
+  lat = jnp.mean(jnp.square(f_real - f_fake), axis=1)
+  out = {'score': lam * rec + (1.0 - lam) * lat, 'rec': rec, 'lat': lat}
+  if return_maps:
+    out['reconstruction'] = x_hat
+    out['anomaly_map'] = jnp.mean(jnp.abs(images - x_hat), axis=-1)
+  return out
+
+
+def score_details(
+  params, images, *, lam: float = DEFAULT_LAMBDA, return_maps: bool = False, chunk: int = MAX_CHUNK
+) -> dict:
+  """Scores with their terms, and on request reconstructions and anomaly maps.
+
+  Args:
+    params: {'generator': {...}, 'discriminator': {...}} variables (see module doc).
+    images: (N, isize, isize, nc), uint8 in [0, 255] or float in [-1, 1].
+    lam: weight of the reconstruction term.
+    return_maps: also return 'reconstruction' (N, H, W, C) and 'anomaly_map' (N, H, W),
+      the per-pixel mean over channels of |x - G(x)|.
+    chunk: images per compiled call (the last chunk is padded; eval-mode BatchNorm makes
+      every image independent of its batch).
+
+  Returns:
+    dict of arrays: 'score', 'rec', 'lat' of shape (N,), plus the maps on request.
+  """
+  spec = ModelSpec.from_variables(params)
+  x = check_images(images, spec)
+  n = x.shape[0]
+  if n <= chunk:
+    return _score_batch(params, x, lam, spec, return_maps)
+  parts = []
+  for start in range(0, n, chunk):
+    part = x[start : start + chunk]
+    pad = chunk - part.shape[0]
+    if pad:
+      part = jnp.concatenate([part, jnp.zeros((pad,) + part.shape[1:], part.dtype)])
+    out = _score_batch(params, part, lam, spec, return_maps)
+    parts.append(jax.tree.map(lambda a, k=chunk - pad: a[:k], out))
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+
+def score_fn(params, images, *, lam: float = DEFAULT_LAMBDA, return_maps: bool = False):
+  """Anomaly scores of a batch of images (higher = more anomalous).
+
+  Args:
+    params: {'generator': {'params', 'batch_stats'}, 'discriminator': {...}}, as
+      returned by `skipganomaly_jax.load(workdir)` or `scoring_variables`.
+    images: (N, isize, isize, nc), uint8 in [0, 255] or float in [-1, 1]; any N.
+    lam: weight of the reconstruction term (0.9 as in the paper).
+    return_maps: if True, also return per-pixel anomaly maps (N, isize, isize).
+
+  Returns:
+    scores of shape (N,), or (scores, maps) when return_maps is True.
+
+  Raises:
+    ValueError: images of the wrong rank, size, channel count or dtype, non-finite, or
+      float values outside [-1, 1].
+  """
+  out = score_details(params, images, lam=lam, return_maps=return_maps)
+  return (out['score'], out['anomaly_map']) if return_maps else out['score']

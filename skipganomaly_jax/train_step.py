@@ -1,0 +1,200 @@
+"""Training state and the data-parallel Skip-GANomaly update step.
+
+`train_step` is one pure per-device function: forward G and D once, compute the
+generator and discriminator losses, update both networks simultaneously from the same
+forward pass (as the reference: D's loss uses the reconstruction made before G's step),
+and apply the discriminator re-initialisation guard as a select.
+
+Parallelism: `make_parallel_train_step` maps it over a 1-D device mesh with
+`jax.shard_map` under `jax.jit`, not `jax.pmap`. Since JAX 0.8, pmap is implemented on
+jit + shard_map and is in maintenance mode; shard_map over a `Mesh` of
+`jax.devices()` spans all hosts of a multi-process job with the same code, takes
+global `jax.Array`s (built with `jax.make_array_from_process_local_data`), and avoids
+pmap's per-leaf dispatch cost and replicate/unreplicate bookkeeping. We keep
+`check_vma=True` (JAX's default): each loss is `pmean`-ed over devices *inside* the
+differentiated function, so JAX's varying-manual-axes typing yields the gradient of
+the global-batch loss directly. (A pmap-style `pmean` of the gradients on top would
+scale them by the device count; tests/test_multidevice.py would catch it.) BatchNorm
+statistics are averaged over the mesh axis, so N devices with B/N images each equal
+one device with B images. State buffers are donated.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from skipganomaly_jax import losses
+from skipganomaly_jax.models import ModelSpec, reinit_params
+
+AXIS = 'batch'  # The data-parallel mesh axis.
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState plus BatchNorm running statistics."""
+
+  batch_stats: Any = None
+
+
+def compute_dtype(config):
+  """The compute dtype named by `config.dtype` ('float32' or 'bfloat16')."""
+  if config.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.dtype must be 'float32' or 'bfloat16'; got {config.dtype!r}.")
+  return jnp.dtype(config.dtype)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Adam with the reference's constant learning rate and betas."""
+  return optax.adam(config.optim.lr, b1=config.optim.b1, b2=config.optim.b2)
+
+
+def create_train_states(config, rng: jax.Array,
+                        tx: optax.GradientTransformation | None = None
+                        ) -> tuple[TrainState, TrainState]:
+  """Initial generator and discriminator states (params ~ SPEC's init, Adam state).
+
+  Args:
+    config: the run's ConfigDict (isize, nc, model.*, optim.*).
+    rng: a PRNG key.
+    tx: optimizer for both networks (default: `make_optimizer(config)`).
+
+  Returns:
+    (g_state, d_state).
+  """
+  spec = ModelSpec.from_config(config)
+  g_model, d_model = spec.generator(), spec.discriminator()
+  dummy = jnp.zeros((1, spec.isize, spec.isize, spec.nc), jnp.float32)
+  g_rng, d_rng = jax.random.split(rng)
+  # Jitted: op-by-op initialisation compiles every layer separately (~30 s on CPU).
+  g_vars = jax.jit(functools.partial(g_model.init, train=False))(g_rng, dummy)
+  d_vars = jax.jit(functools.partial(d_model.init, train=False))(d_rng, dummy)
+  tx = make_optimizer(config) if tx is None else tx
+  g_state = TrainState.create(
+    apply_fn=g_model.apply, params=g_vars['params'], batch_stats=g_vars['batch_stats'], tx=tx
+  )
+  d_state = TrainState.create(
+    apply_fn=d_model.apply, params=d_vars['params'], batch_stats=d_vars['batch_stats'], tx=tx
+  )
+  return g_state, d_state
+
+
+def _forward_and_losses(config, spec, axis_name, g_params, d_params, g_stats, d_stats, x):
+  """One forward pass of G and D and both losses (each averaged over devices)."""
+  dtype = compute_dtype(config)
+  g_model = spec.generator(axis_name=axis_name, dtype=dtype)
+  d_model = spec.discriminator(axis_name=axis_name, dtype=dtype)
+  x_hat, g_new = g_model.apply(
+    {'params': g_params, 'batch_stats': g_stats}, x, train=True, mutable=['batch_stats']
+  )
+  # D is called separately on x and on G(x): each call normalises a homogeneous batch.
+  (real_logits, f_real), d_new = d_model.apply(
+    {'params': d_params, 'batch_stats': d_stats}, x, train=True, mutable=['batch_stats']
+  )
+  (fake_logits, f_fake), d_new = d_model.apply(
+    {'params': d_params, 'batch_stats': d_new['batch_stats']},
+    x_hat,
+    train=True,
+    mutable=['batch_stats'],
+  )
+  lc = config.loss
+  g_loss, g_terms = losses.generator_loss(
+    x, x_hat, fake_logits, f_real, f_fake, lc.w_adv, lc.w_con, lc.w_lat
+  )
+  d_loss, d_terms = losses.discriminator_loss(
+    real_logits, fake_logits, f_real, f_fake, lc.w_lat, lc.d_latent
+  )
+  metrics = {
+    **g_terms,
+    **d_terms,
+    'd_real': jnp.mean(jax.nn.sigmoid(real_logits)),
+    'd_fake': jnp.mean(jax.nn.sigmoid(fake_logits)),
+  }
+  if axis_name is not None:
+    g_loss, d_loss, metrics = jax.lax.pmean((g_loss, d_loss, metrics), axis_name)
+  aux = (g_new['batch_stats'], d_new['batch_stats'], metrics)
+  return (g_loss, d_loss), aux
+
+
+def train_step(
+  g_state: TrainState,
+  d_state: TrainState,
+  batch: jax.Array,
+  rng: jax.Array,
+  *,
+  config,
+  axis_name: str | None = None,
+):
+  """One simultaneous update of G and D on a (per-device) batch.
+
+  Args:
+    g_state: generator state.
+    d_state: discriminator state.
+    batch: images, NHWC float32 in [-1, 1] (this device's share of the global batch).
+    rng: PRNG key, identical on all devices (feeds the D re-initialisation).
+    config: the run's ConfigDict (static).
+    axis_name: the mapped device axis, or None on a single device without mapping.
+
+  Returns:
+    (g_state, d_state, metrics): new states and scalar metrics (each loss term, total
+    losses, D's mean output on real and reconstructed images, and `d_reinit` in {0, 1}).
+  """
+  spec = ModelSpec.from_config(config)
+  forward = functools.partial(_forward_and_losses, config, spec, axis_name)
+  (g_loss, d_loss), vjp_fn, (g_stats, d_stats, metrics) = jax.vjp(
+    lambda gp, dp: forward(gp, dp, g_state.batch_stats, d_state.batch_stats, batch),
+    g_state.params,
+    d_state.params,
+    has_aux=True,
+  )
+  # Both gradients from the one forward pass at the pre-step parameters. L_G is
+  # differentiated w.r.t. G only and L_D w.r.t. D only (G(x) is a constant for D).
+  one, zero = jnp.ones_like(g_loss), jnp.zeros_like(g_loss)
+  g_grads, _ = vjp_fn((one, zero))
+  _, d_grads = vjp_fn((zero, one))
+  g_state = g_state.apply_gradients(grads=g_grads, batch_stats=g_stats)
+  d_state = d_state.apply_gradients(grads=d_grads, batch_stats=d_stats)
+  # The reference's guard against a collapsed D: re-initialise its weights (keeping its
+  # running statistics and Adam state) when the pre-step D loss is tiny.
+  reinit = d_loss < config.loss.d_reinit_threshold
+  fresh = reinit_params(d_state.params, rng)
+  d_params = jax.tree.map(lambda f, p: jnp.where(reinit, f, p), fresh, d_state.params)
+  d_state = d_state.replace(params=d_params)
+  metrics = {**metrics, 'g_loss': g_loss, 'd_loss': d_loss, 'd_reinit': reinit.astype(jnp.float32)}
+  return g_state, d_state, metrics
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D data-parallel mesh over all devices of all processes."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def make_parallel_train_step(config, mesh: Mesh):
+  """`train_step` mapped over the mesh with shard_map, jitted, state buffers donated.
+
+  Returns:
+    step(g_state, d_state, batch, rng) -> (g_state, d_state, metrics), where the states
+    and rng are replicated and `batch` is a global array sharded over the batch axis
+    (see `shard_batch`).
+  """
+  per_device = functools.partial(train_step, config=config, axis_name=AXIS)
+  mapped = jax.shard_map(
+    per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS), P()), out_specs=(P(), P(), P())
+  )
+  return jax.jit(mapped, donate_argnums=(0, 1))
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree (identical in every process) replicated on all mesh devices."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
+  """This process's share of a global batch -> one global array split over devices."""
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local_batch)

@@ -1,0 +1,74 @@
+"""Runs in a subprocess with N simulated CPU devices (see test_multidevice.py).
+
+Compares the shard_map step over all devices with the plain jitted per-device step on
+one device, on the same global batches, with SGD (an update linear in the gradient) and
+with Adam, and prints the relative errors after steps 1 and 3 as JSON.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+import optax
+
+from skipganomaly_jax import train_step as ts
+
+
+def relative_error(a, b) -> float:
+  """||a - b|| / ||b|| over all leaves of two pytrees."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+            for x, y in zip(la, lb, strict=True))
+  den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in lb)
+  return float(np.sqrt(num / den))
+
+
+def compare(one, many, init) -> dict:
+  (g1, d1), (gn, dn) = one, many
+  return {
+      'g_params': relative_error(gn.params, g1.params),
+      'g_batch_stats': relative_error(gn.batch_stats, g1.batch_stats),
+      'd_params': relative_error(dn.params, d1.params),
+      'd_batch_stats': relative_error(dn.batch_stats, d1.batch_stats),
+      'g_opt_state': relative_error(gn.opt_state, g1.opt_state),
+      'd_opt_state': relative_error(dn.opt_state, d1.opt_state),
+      'param_change': relative_error(g1.params, init[0].params),
+  }
+
+
+def run(config, tx, batches, seed):
+  """Steps 1 and 3 on one device (plain jit) and on the mesh (shard_map)."""
+  init = ts.create_train_states(config, jax.random.key(seed), tx=tx)
+  single = jax.jit(lambda g, d, x, k: ts.train_step(g, d, x, k, config=config))
+  mesh = ts.make_mesh()
+  parallel = ts.make_parallel_train_step(config, mesh)
+  one, many = init, ts.replicate(init, mesh)
+  out = {}
+  for i, x in enumerate(batches):
+    one = single(*one, x, jax.random.key(i))[:2]
+    many = parallel(*many, ts.shard_batch(x, mesh), jax.random.key(i))[:2]
+    if i in (0, 2):
+      out[f'step{i + 1}'] = compare(one, many, init)
+  return out
+
+
+def main(global_batch: int, seed: int) -> None:
+  sys.path.insert(0, 'configs')
+  import default  # noqa: PLC0415
+
+  config = default.get_config()
+  config.model.ngf, config.model.ndf, config.model.nz = 8, 8, 16
+  config.nc = 3
+  rng = np.random.default_rng(seed)
+  batches = [rng.uniform(-1, 1, (global_batch, 32, 32, 3)).astype(np.float32)
+             for _ in range(3)]
+  report = {'num_devices': jax.device_count()}
+  for name, tx in (('sgd', optax.sgd(0.05)), ('adam', ts.make_optimizer(config))):
+    for step, errors in run(config, tx, batches, seed).items():
+      report[f'{name}_{step}'] = errors
+  print(json.dumps(report))
+
+
+if __name__ == '__main__':
+  main(int(sys.argv[1]), int(sys.argv[2]))

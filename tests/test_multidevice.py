@@ -1,0 +1,49 @@
+"""8 simulated CPU devices equal one device (run in a subprocess: XLA_FLAGS must be set
+before JAX initialises)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_check(*args) -> dict:
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'multidevice_check.py'),
+                         *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope='module')
+def report():
+  return run_check(16, int.from_bytes(os.urandom(2), 'little'))
+
+
+def test_eight_devices_equal_one(report):
+  assert report['num_devices'] == 8
+  for key in ('sgd_step1', 'sgd_step3', 'adam_step1', 'adam_step3'):
+    for name in ('g_params', 'g_batch_stats', 'd_params', 'd_batch_stats'):
+      # Adam divides each gradient by its own magnitude, so float32 summation-order
+      # noise in near-zero gradients becomes O(lr) steps: a looser bound for its params.
+      bound = 1e-4 if key.startswith('adam') and name.endswith('params') else 1e-5
+      assert report[key][name] < bound, (key, name, report[key])
+
+
+def test_adam_moments_see_the_mean_gradient(report):
+  # Adam's update barely depends on a gradient scale; its moments do, so they expose a
+  # gradient summed (instead of averaged) over devices.
+  for key in ('adam_step1', 'adam_step3'):
+    for name in ('g_opt_state', 'd_opt_state'):
+      assert report[key][name] < 1e-5, (key, name, report[key])
+
+
+def test_params_actually_moved(report):
+  assert report['sgd_step1']['param_change'] > 1e-4

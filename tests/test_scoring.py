@@ -1,0 +1,88 @@
+"""score_fn against a numpy recomputation from the models' outputs; bad inputs."""
+
+import jax
+import numpy as np
+import pytest
+
+from skipganomaly_jax import score_fn
+from skipganomaly_jax import train_step as ts
+from skipganomaly_jax.scoring import score_details, scoring_variables
+
+
+@pytest.fixture(scope='module')
+def params():
+  import conftest  # noqa: PLC0415
+
+  config = conftest.load_config('default')
+  config.model.ngf, config.model.ndf, config.model.nz = 8, 8, 16
+  config.nc = 1
+  g, d = ts.create_train_states(config, jax.random.key(0))
+  # Non-trivial running statistics, as after training.
+  d = d.replace(batch_stats=jax.tree.map(lambda v: v + 0.3, d.batch_stats))
+  return scoring_variables(g, d)
+
+
+def numpy_scores(params, images, lam=0.9):
+  from skipganomaly_jax.models import ModelSpec  # noqa: PLC0415
+
+  spec = ModelSpec.from_variables(params)
+  x_hat = np.asarray(spec.generator().apply(params['generator'], images, train=False),
+                     np.float64)
+  _, f_real = spec.discriminator().apply(params['discriminator'], images, train=False)
+  _, f_fake = spec.discriminator().apply(params['discriminator'], x_hat.astype(np.float32),
+                                         train=False)
+  x = np.asarray(images, np.float64)
+  rec = ((x - x_hat) ** 2).mean(axis=(1, 2, 3))
+  lat = ((np.asarray(f_real, np.float64) - np.asarray(f_fake, np.float64)) ** 2).mean(axis=1)
+  return lam * rec + (1 - lam) * lat, np.abs(x - x_hat).mean(axis=-1)
+
+
+def test_scores_and_maps_match_numpy(params):
+  images = np.random.default_rng().uniform(-1, 1, (5, 32, 32, 1)).astype(np.float32)
+  scores, maps = score_fn(params, images, return_maps=True)
+  expected_scores, expected_maps = numpy_scores(params, images)
+  np.testing.assert_allclose(scores, expected_scores, rtol=1e-4)
+  np.testing.assert_allclose(maps, expected_maps, atol=1e-5)
+  np.testing.assert_allclose(score_fn(params, images, lam=0.3),
+                             numpy_scores(params, images, lam=0.3)[0], rtol=1e-4)
+
+
+def test_chunked_scores_equal_one_batch_and_any_batch_size(params):
+  images = np.random.default_rng().uniform(-1, 1, (11, 32, 32, 1)).astype(np.float32)
+  whole = score_details(params, images)['score']
+  chunked = score_details(params, images, chunk=4)['score']
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+  np.testing.assert_allclose(score_fn(params, images[:1]), whole[:1], rtol=1e-5)
+
+
+def test_uint8_is_scaled(params):
+  raw = np.random.default_rng().integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
+  np.testing.assert_allclose(score_fn(params, raw),
+                             score_fn(params, raw.astype(np.float32) / 127.5 - 1), rtol=1e-5)
+
+
+def test_score_fn_is_jittable(params):
+  images = np.random.default_rng().uniform(-1, 1, (2, 32, 32, 1)).astype(np.float32)
+  np.testing.assert_allclose(jax.jit(score_fn)(params, images), score_fn(params, images),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize('shape,match', [
+    ((32, 32, 1), 'rank 4'),
+    ((2, 28, 28, 1), '32x32 pixels'),
+    ((2, 32, 32, 3), '1 channel'),
+])
+def test_bad_shapes(params, shape, match):
+  with pytest.raises(ValueError, match=match):
+    score_fn(params, np.zeros(shape, np.float32))
+
+
+def test_non_finite_and_range(params):
+  images = np.zeros((3, 32, 32, 1), np.float32)
+  images[1, 4, 4, 0] = np.nan
+  with pytest.raises(ValueError, match=r'NaN or Inf.*\[1\]'):
+    score_fn(params, images)
+  with pytest.raises(ValueError, match=r'scaled to \[-1, 1\]'):
+    score_fn(params, np.full((1, 32, 32, 1), 255.0, np.float32))
+  with pytest.raises(ValueError, match='uint8'):
+    score_fn(params, np.zeros((1, 32, 32, 1), np.int32))

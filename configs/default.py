@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.name = 'cifar10'
   config.dataset.data_dir = ''  # TFDS data_dir ('' = TFDS's default, ~/tensorflow_datasets).
   config.dataset.root = ''  # Folder datasets: ROOT/train/0.normal, ROOT/test/{0.normal,1.abnormal}.
-  # The class treated as anomalous: an index or a name (e.g. 'automobile'). Ignored by
+  # The class treated as anomalous, as a string: an index ('3') or a name ('automobile').
+  # Ignored by
   # folder datasets, whose labels come from the folder names.
   config.dataset.abnormal_class = 'automobile'
   # 'one_class': train = normal train images; test = normal test images + the abnormal
@@ -54,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 64  # Global training batch (split over all devices of all hosts).
   config.eval_batch_size = 256  # Global evaluation batch (the last one is padded).
   config.num_epochs = 15  # Training epochs.
+  config.max_steps_per_epoch = 0  # Cap on steps per epoch (0 = full epochs); for smoke tests.
   config.log_every_steps = 50  # Fetch metrics to the host and write them every N steps.
 
   # Scoring: score = lam * rec + (1 - lam) * lat.

@@ -13,8 +13,6 @@ set (see metrics.Calibration).
 its shapes.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,13 +77,32 @@ def check_images(images, spec: ModelSpec):
   return jnp.asarray(host, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=('spec', 'return_maps'))
-def _score_batch(params, images, lam, spec: ModelSpec, return_maps: bool):
-  """Scores, rec/lat terms and (optionally) reconstructions and maps of one batch."""
-  x_hat = spec.generator().apply(params['generator'], images, train=False)
-  d_model = spec.discriminator()
-  _, f_real = d_model.apply(params['discriminator'], images, train=False)
-  _, f_fake = d_model.apply(params['discriminator'], x_hat, train=False)
+def score_terms(params, images, lam, spec: ModelSpec, return_maps: bool = False,
+                train: bool = False, dtype=jnp.float32) -> dict:
+  """Scores, rec/lat terms and (optionally) reconstructions and maps of one batch.
+
+  Args:
+    params: scoring variables (see module doc).
+    images: float32 [-1, 1] batch (already checked).
+    lam: weight of the reconstruction term.
+    spec: the architecture.
+    return_maps: also return 'reconstruction' and 'anomaly_map'.
+    train: BatchNorm with batch statistics (the reference's test-time behaviour, used
+      only by its protocol; the running statistics are not updated).
+    dtype: compute dtype.
+
+  Returns:
+    dict with 'score', 'rec', 'lat' (N,), and the maps on request.
+  """
+  def apply(model, variables, x):
+    if not train:
+      return model.apply(variables, x, train=False)
+    return model.apply(variables, x, train=True, mutable=['batch_stats'])[0]
+
+  x_hat = apply(spec.generator(dtype=dtype), params['generator'], images)
+  d_model = spec.discriminator(dtype=dtype)
+  _, f_real = apply(d_model, params['discriminator'], images)
+  _, f_fake = apply(d_model, params['discriminator'], x_hat)
   rec = jnp.mean(jnp.square(images - x_hat), axis=(1, 2, 3))
   lat = jnp.mean(jnp.square(f_real - f_fake), axis=1)
   out = {'score': lam * rec + (1.0 - lam) * lat, 'rec': rec, 'lat': lat}
@@ -93,6 +110,9 @@ def _score_batch(params, images, lam, spec: ModelSpec, return_maps: bool):
     out['reconstruction'] = x_hat
     out['anomaly_map'] = jnp.mean(jnp.abs(images - x_hat), axis=-1)
   return out
+
+
+_score_batch = jax.jit(score_terms, static_argnames=('spec', 'return_maps', 'train', 'dtype'))
 
 
 def score_details(

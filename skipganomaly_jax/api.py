@@ -1,0 +1,96 @@
+"""Loading a trained run, and the `eval` / `score` modes of main.py.
+
+    params, config, calibration = skipganomaly_jax.load('runs/demo')
+    scores = skipganomaly_jax.score_fn(params, images)
+"""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from skipganomaly_jax import checkpointing, input_pipeline, metrics, outputs
+from skipganomaly_jax import train_step as ts
+from skipganomaly_jax.scoring import score_details, scoring_variables
+
+
+def _step(ckpt: checkpointing.Checkpointer, which) -> int:
+  if which in (None, 'latest'):
+    step = ckpt.latest_step()
+  elif which == 'best':
+    step = ckpt.best_step()
+  else:
+    step = int(which)
+  if step is None:
+    raise checkpointing.CheckpointError(
+        f'no {which or "latest"} checkpoint in {ckpt.directory}: train first with '
+        f'`python main.py --config=... --workdir={os.path.dirname(ckpt.directory)}`.')
+  return step
+
+
+def load(workdir: str, which='latest'):
+  """Loads a trained model for scoring.
+
+  Args:
+    workdir: the run's workdir (the one given to main.py).
+    which: 'latest', 'best' (lowest mean validation-normal score) or a step number.
+
+  Returns:
+    (params, config, calibration): the `score_fn` variables of both networks, the run's
+    ConfigDict, and its `metrics.Calibration` (None if the run was preempted before its
+    first evaluation).
+
+  Raises:
+    checkpointing.CheckpointError: no checkpoint, or a corrupt one (names the path).
+  """
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise checkpointing.CheckpointError(
+        f'no checkpoints folder {directory}: is {workdir!r} the workdir of a trained run?')
+  with checkpointing.Checkpointer(directory) as ckpt:
+    step = _step(ckpt, which)
+    config = ml_collections.ConfigDict(ckpt.restore_meta(step)['config'])
+    target = jax.eval_shape(lambda: ts.create_train_states(config, jax.random.key(0)))
+    state, meta = ckpt.restore(step, {'g': target[0], 'd': target[1]})
+  calibration = meta.get('calibration')
+  calibration = calibration and metrics.Calibration.from_dict(calibration)
+  return scoring_variables(state['g'], state['d']), config, calibration
+
+
+def evaluate_checkpoint(workdir: str, which='latest') -> dict:
+  """Re-evaluates a checkpoint on its test set and rewrites the workdir's outputs."""
+  params, config, calibration = load(workdir, which)
+  splits = input_pipeline.load_splits(config)
+  if calibration is None:
+    calibration = metrics.Calibration.fit(
+        np.asarray(score_details(params, splits.val)['score']), config.threshold_percentile)
+  scores = np.asarray(score_details(params, splits.test)['score'])
+  report = metrics.evaluate(splits.test_labels, scores, calibration)
+  report['checkpoint'] = which
+  outputs.write_all(workdir, splits, params, scores, [report], calibration)
+  return report
+
+
+def score_path(workdir: str, images_path: str, write_maps: bool = False, which='latest'):
+  """Scores image files (a file or a folder) with the stored calibration.
+
+  Writes `workdir/scores.csv` (path, score, normalised_score, anomalous) and, on
+  request, anomaly-map PNGs under `workdir/anomaly_maps/`.
+
+  Returns:
+    The CSV path.
+  """
+  params, config, calibration = load(workdir, which)
+  if calibration is None:
+    raise checkpointing.CheckpointError(
+        f'the checkpoint in {workdir} has no calibration (preempted before its first '
+        'evaluation): train at least one epoch.')
+  images, paths = input_pipeline.load_images(images_path, config.isize, config.nc)
+  details = score_details(params, images, return_maps=write_maps)
+  csv_path = os.path.join(workdir, 'scores.csv')
+  outputs.write_scores_csv(csv_path, paths, np.asarray(details['score']), calibration)
+  if write_maps:
+    outputs.write_anomaly_maps(os.path.join(workdir, 'anomaly_maps'), paths,
+                               np.asarray(details['anomaly_map']))
+  return csv_path

@@ -1,0 +1,79 @@
+"""Evaluators: score a whole dataset on the mesh, and the reference's protocol.
+
+`DatasetScorer` scores every image exactly once across all devices and processes (eval-
+mode BatchNorm: each image's score is independent of its batch) and returns the scores
+in dataset order on every process. `reference_protocol_scores` reproduces the reference
+code's evaluation for side-by-side comparison only: BatchNorm in training mode on
+unshuffled, normal-first batches of 64, running statistics left untouched.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from skipganomaly_jax import input_pipeline
+from skipganomaly_jax.models import ModelSpec
+from skipganomaly_jax.scoring import score_terms
+from skipganomaly_jax.train_step import AXIS, shard_batch
+
+REFERENCE_BATCH = 64  # The reference's test batch size.
+
+
+class DatasetScorer:
+  """Scores datasets with eval-mode BatchNorm, data-parallel over a mesh.
+
+  Args:
+    spec: the architecture.
+    mesh: the 1-D data-parallel mesh.
+    global_batch_size: images per evaluation batch over all devices (padded at the end).
+    lam: weight of the reconstruction term in the score.
+    dtype: compute dtype.
+  """
+
+  def __init__(self, spec: ModelSpec, mesh: Mesh, global_batch_size: int, lam: float,
+               dtype=jnp.float32):
+    if global_batch_size % mesh.size:
+      raise ValueError(f'eval_batch_size {global_batch_size} must be a multiple of the '
+                       f'device count {mesh.size}.')
+    self.mesh, self.global_batch_size = mesh, global_batch_size
+    per_device = functools.partial(score_terms, lam=lam, spec=spec, dtype=dtype)
+    self._step = jax.jit(jax.shard_map(
+        lambda v, x: per_device(v, x)['score'], mesh=mesh, in_specs=(P(), P(AXIS)),
+        out_specs=P(AXIS)))
+
+  def __call__(self, variables, images: np.ndarray) -> np.ndarray:
+    """Scores of all `images` (uint8 or float [-1, 1]), in order, on every process."""
+    n = len(images)
+    batches = input_pipeline.eval_batches(
+        images, None, self.global_batch_size, jax.process_index(), jax.process_count())
+    out = []
+    for batch in batches:
+      scores = self._step(variables, shard_batch(batch.images, self.mesh))
+      out.append(np.asarray(multihost_utils.process_allgather(scores, tiled=True)))
+    return np.concatenate(out)[:n] if out else np.zeros((0,), np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=('spec', 'lam'))
+def _reference_batch(variables, images, spec, lam):
+  return score_terms(variables, images, lam, spec, train=True)['score']
+
+
+def reference_protocol_scores(variables, images: np.ndarray, spec: ModelSpec,
+                              lam: float) -> np.ndarray:
+  """The reference's test scores: train-mode BatchNorm, in-order batches of 64.
+
+  Each batch is normalised with its own statistics (so a score depends on its batch
+  neighbours); the last partial batch keeps its size, as the reference's loader does.
+  Runs on one device; results are identical on every process.
+  """
+  out = []
+  for start in range(0, len(images), REFERENCE_BATCH):
+    chunk = input_pipeline.to_float(images[start:start + REFERENCE_BATCH])
+    out.append(np.asarray(_reference_batch(variables, jnp.asarray(chunk), spec, lam)))
+  return np.concatenate(out)
+

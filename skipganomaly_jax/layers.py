@@ -3,8 +3,32 @@
 Both layers hold exactly the parameters of `flax.linen.Conv` / `flax.linen.ConvTranspose`
 ('kernel' of shape (kh, kw, in, out), optional 'bias'), so checkpoints and parameter
 counts do not depend on which implementation computes them.
+
+Why: XLA's CPU convolutions have slow paths at 1-4 pixel spatial sizes, and jax's own
+gradient of `lax.conv_transpose` is a dilated conv that is slow on CPU at every size (a
+ConvT 512->128 @8 fwd+bwd: 4.5 s at batch 64, vs 0.2 s). So on CPU ('auto') every k4 s2
+p1 layer runs through a `custom_vjp` built from three ops of the conv C(x, w) (C_in -> C_out
+at input size H): C itself, its input-transpose D(dy, w) and its weight gradient G(x, dy).
+Conv = C (grads D, G); ConvTranspose(x, w) = D(x, kT(w)) (grads C, G) with kT(w) = w
+flipped spatially, in/out swapped. Each op picks a method at trace time by shape:
+
+  C: 'im2col' (patches + dot; a plain matmul when the output is 1x1) if H <= 4, else 'lax'.
+  D: 'overlap' (one dot with all 16 taps + overlap-add; a matmul at 1x1) if H <= 2,
+     'subpixel' (4 output phases, each patches + dot) if H == 4, else 'lax' (conv_transpose).
+  G: 'im2col' if H <= 2, 'taps' (16 dots over the batch) if C_in <= 4, else 'lax' (vjp of C).
+  Other convs (D's 'features' / 'classifier'): a matmul when the output is 1x1, else lax.
+
+Measured (2 shared cores, batch 64, f32, median ms; benchmarks/conv_layers.py):
+
+  layer (isize 32)      fwd lax  fwd auto  fwd+bwd lax  fwd+bwd auto
+  TODO
+
+'lax' forces plain `lax` ops with jax's autodiff (the reference; always used off CPU);
+'fast' forces the custom_vjp with the best non-lax method of each op (for tests).
+The custom_vjp supports reverse mode (jit, grad, shard_map, vmap) but not forward mode.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -23,59 +47,61 @@ _DN = ('NHWC', 'HWIO', 'NHWC')
 _PHASE_TAPS = (((-1, 0), (0, 2)), ((0, 1), (1, 3)))
 
 
+def _dot(a, b):
+  """`a @ b` over the last axis of a, accumulated in float32, returned in a's dtype."""
+  return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _kt(w):
+  """The kernel of the transposed op: flipped spatially, in/out channels swapped."""
+  return w[::-1, ::-1].transpose(0, 1, 3, 2)
+
+
 def _tap_range(k: int, stride: int, pad: int, size: int, out: int) -> tuple[int, int]:
   """The kernel taps [lo, hi) that read at least one input (not padding) position."""
   used = [i for i in range(k) if any(0 <= i + stride * o - pad < size for o in range(out))]
   return used[0], used[-1] + 1
 
 
-def conv_lax(x, kernel, stride: int, padding: int):
-  """Reference: `lax.conv_general_dilated`."""
-  return lax.conv_general_dilated(
-    x, kernel, (stride, stride), [(padding, padding)] * 2, dimension_numbers=_DN
-  )
+def _im2col(x, k: int, stride: int, padding: int):
+  """Patches of the taps that see the input: ((n, ho, wo, taps * c), (r0, r1, c0, c1)).
 
-
-def conv_im2col(x, kernel, stride: int, padding: int):
-  """Patches (pad + strided slices of the taps that see the input) + one `dot`."""
+  Taps that only ever read padding are left out (at 1-2 pixel inputs most of them are).
+  """
   n, h, w, c = x.shape
-  k, f = kernel.shape[0], kernel.shape[-1]
   ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
   r0, r1 = _tap_range(k, stride, padding, h, ho)
   c0, c1 = _tap_range(k, stride, padding, w, wo)
-  kernel = kernel[r0:r1, c0:c1].reshape(-1, f)
   lo_h, lo_w = max(0, padding - r0), max(0, padding - c0)
+  if ho == wo == 1 and (r1 - r0, c1 - c0) == (h, w) and lo_h == lo_w == 0:
+    return x.reshape(n, 1, 1, -1), (r0, r1, c0, c1)  # The kept taps cover the input.
   hi_h = max(0, r1 - 1 - padding + stride * (ho - 1) - (h - 1))
   hi_w = max(0, c1 - 1 - padding + stride * (wo - 1) - (w - 1))
-  if ho == wo == 1 and (r1 - r0, c1 - c0) == (h, w) and lo_h == lo_w == 0:
-    return jnp.dot(x.reshape(n, -1), kernel).reshape(n, 1, 1, f)  # Kernel covers input.
   xp = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
   taps = []
   for i in range(r0 - padding + lo_h, r1 - padding + lo_h):
     for j in range(c0 - padding + lo_w, c1 - padding + lo_w):
       end = (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c)
       taps.append(lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1)))
-  patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
-  return jnp.dot(patches, kernel)
+  return (jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]), (r0, r1, c0, c1)
 
 
-def conv_s2d(x, kernel, stride: int, padding: int):
-  """k=2s conv as a 2x2 stride-1 `lax` conv over the space-to-depth padded input."""
-  n, h, w, c = x.shape
-  k, f = kernel.shape[0], kernel.shape[-1]
-  s = stride
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  hp, wp = h + 2 * padding, w + 2 * padding
-  xs = xp.reshape(n, hp // s, s, wp // s, s, c).transpose(0, 1, 3, 2, 4, 5)
-  xs = xs.reshape(n, hp // s, wp // s, s * s * c)
-  ks = kernel.reshape(k // s, s, k // s, s, c, f).transpose(0, 2, 1, 3, 4, 5)
-  ks = ks.reshape(k // s, k // s, s * s * c, f)
-  return lax.conv_general_dilated(xs, ks, (1, 1), 'VALID', dimension_numbers=_DN)
+def conv_lax(x, w, stride: int = 2, padding: int = 1):
+  """C by `lax.conv_general_dilated` (PyTorch Conv2d semantics, symmetric padding)."""
+  return lax.conv_general_dilated(
+      x, w, (stride, stride), [(padding, padding)] * 2, dimension_numbers=_DN)
 
 
-def conv_transpose_lax(x, kernel):
-  """Reference: `lax.conv_transpose`, 4x4, stride 2, padding (2, 2) (Flax orientation)."""
-  return lax.conv_transpose(x, kernel, (2, 2), [(2, 2), (2, 2)], dimension_numbers=_DN)
+def conv_im2col(x, w, stride: int = 2, padding: int = 1):
+  """C by patches + one dot (a plain matmul when the kept taps cover a 1x1 output)."""
+  patches, (r0, r1, c0, c1) = _im2col(x, w.shape[0], stride, padding)
+  return _dot(patches, w[r0:r1, c0:c1].reshape(-1, w.shape[-1]))
+
+
+def dconv_lax(dy, w):
+  """D (input-transpose of the k4 s2 p1 conv C with kernel w) by `lax.conv_transpose`."""
+  return lax.conv_transpose(dy, _kt(w), (2, 2), [(2, 2), (2, 2)], dimension_numbers=_DN)
 
 
 def _interleave(phases, n, h, w, f):
@@ -84,72 +110,160 @@ def _interleave(phases, n, h, w, f):
   return y.reshape(n, 2 * h, 2 * w, f)
 
 
-def conv_transpose_overlap(x, kernel):
-  """One `dot` with all 16 taps (the einsum form), then an overlap-add of shifted slices."""
-  n, h, w, c = x.shape
+def dconv_overlap(dy, w):
+  """D by one dot with all 16 taps (the einsum form), then an overlap-add of slices."""
+  kernel = _kt(w)  # ConvTranspose orientation, (4, 4, in, out).
+  n, h, wd, c = dy.shape
   f = kernel.shape[-1]
-  if h == w == 1:  # Only the taps (2, 1) x (2, 1) see the input: one matmul.
+  if h == wd == 1:  # Only the taps (2, 1) x (2, 1) see the input: one matmul.
     wk = kernel[2:0:-1, 2:0:-1].transpose(2, 0, 1, 3).reshape(c, 4 * f)
-    return jnp.dot(x.reshape(n, c), wk).reshape(n, 2, 2, f)
-  z = jnp.dot(x, kernel.transpose(2, 0, 1, 3).reshape(c, 16 * f)).reshape(n, h, w, 4, 4, f)
+    return _dot(dy.reshape(n, c), wk).reshape(n, 2, 2, f)
+  z = _dot(dy, kernel.transpose(2, 0, 1, 3).reshape(c, 16 * f)).reshape(n, h, wd, 4, 4, f)
   z = jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
   phases = []
   for taps_r in _PHASE_TAPS:
-    rows = [z[:, 1 + d : 1 + d + h, :, kr] for d, kr in taps_r]
-    r = rows[0] + rows[1]  # (n, h, w + 2, 4, f)
-    row = []
-    for taps_c in _PHASE_TAPS:
-      cols = [r[:, :, 1 + d : 1 + d + w, kc] for d, kc in taps_c]
-      row.append(cols[0] + cols[1])
-    phases.append(row)
-  return _interleave(phases, n, h, w, f)
+    r = sum(z[:, 1 + d:1 + d + h, :, kr] for d, kr in taps_r)  # (n, h, wd + 2, 4, f)
+    phases.append([sum(r[:, :, 1 + d:1 + d + wd, kc] for d, kc in taps_c)
+                   for taps_c in _PHASE_TAPS])
+  return _interleave(phases, n, h, wd, f)
 
 
-def conv_transpose_subpixel(x, kernel):
-  """Four output phases, each a 2x2 stride-1 conv as patches + `dot` (sub-pixel form)."""
-  n, h, w, c = x.shape
+def dconv_subpixel(dy, w):
+  """D as four output phases, each a 2x2 stride-1 conv by patches + dot (sub-pixel form)."""
+  kernel = _kt(w)
+  n, h, wd, c = dy.shape
   f = kernel.shape[-1]
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  xp = jnp.pad(dy, ((0, 0), (1, 1), (1, 1), (0, 0)))
   phases = []
   for taps_r in _PHASE_TAPS:
     row = []
     for taps_c in _PHASE_TAPS:
-      pieces = [
-        xp[:, 1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] for dr, _ in taps_r for dc, _ in taps_c
-      ]
-      wk = jnp.stack([kernel[kr, kc] for _, kr in taps_r for _, kc in taps_c]).reshape(4 * c, f)
-      row.append(jnp.dot(jnp.concatenate(pieces, axis=-1), wk))
+      taps = [(dr, kr, dc, kc) for dr, kr in taps_r for dc, kc in taps_c]
+      patches = jnp.concatenate(
+          [xp[:, 1 + dr:1 + dr + h, 1 + dc:1 + dc + wd] for dr, _, dc, _ in taps], axis=-1)
+      wk = jnp.stack([kernel[kr, kc] for _, kr, _, kc in taps]).reshape(4 * c, f)
+      row.append(_dot(patches, wk))
     phases.append(row)
-  return _interleave(phases, n, h, w, f)
+  return _interleave(phases, n, h, wd, f)
 
 
-def conv_transpose_phaselax(x, kernel):
-  """All four phases as one 3x3 stride-1 `lax` conv with 4*f outputs, then depth-to-space."""
-  n, h, w, c = x.shape
-  f = kernel.shape[-1]
-  k3 = jnp.zeros((3, 3, c, 2, 2, f), kernel.dtype)
-  for p, taps_r in enumerate(_PHASE_TAPS):
-    for q, taps_c in enumerate(_PHASE_TAPS):
-      for dr, kr in taps_r:
-        for dc, kc in taps_c:
-          k3 = k3.at[1 + dr, 1 + dc, :, p, q].set(kernel[kr, kc])
-  y = lax.conv_general_dilated(
-    x, k3.reshape(3, 3, c, 4 * f), (1, 1), [(1, 1)] * 2, dimension_numbers=_DN
-  )
-  return y.reshape(n, h, w, 2, 2, f).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, f)
+def wgrad_lax(x, dy):
+  """G (gradient of C w.r.t. its 4x4 kernel) as jax's vjp of `lax` conv."""
+  w0 = jnp.zeros((4, 4, x.shape[-1], dy.shape[-1]), x.dtype)
+  return jax.vjp(lambda w: conv_lax(x, w), w0)[1](dy)[0]
 
 
-CONV_METHODS = {'lax': conv_lax, 'im2col': conv_im2col, 's2d': conv_s2d}
-CONV_TRANSPOSE_METHODS = {
-  'lax': conv_transpose_lax,
-  'overlap': conv_transpose_overlap,
-  'subpixel': conv_transpose_subpixel,
-  'phaselax': conv_transpose_phaselax,
-}
+def _tdot(a, b):
+  """Contraction of a and b over their (n, h, w) axes, float32 accumulation."""
+  return lax.dot_general(a, b, (((0, 1, 2), (0, 1, 2)), ((), ())),
+                         preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def wgrad_im2col(x, dy):
+  """G as patches^T @ dy; kernel taps that only see padding get zeros."""
+  patches, (r0, r1, c0, c1) = _im2col(x, 4, 2, 1)
+  g = _tdot(patches, dy).reshape(r1 - r0, c1 - c0, x.shape[-1], dy.shape[-1])
+  return jnp.pad(g, ((r0, 4 - r1), (c0, 4 - c1), (0, 0), (0, 0)))
+
+
+def wgrad_taps(x, dy):
+  """G as 16 separate contractions over the batch, one per kernel tap."""
+  n, h, wd, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  end = lambda i, j: (n, i + h - 1, j + wd - 1, c)
+  return jnp.stack([jnp.stack([
+      _tdot(lax.slice(xp, (0, i, j, 0), end(i, j), (1, 2, 2, 1)), dy) for j in range(4)])
+                    for i in range(4)])
+
+
+C_METHODS = {'lax': conv_lax, 'im2col': conv_im2col}
+D_METHODS = {'lax': dconv_lax, 'overlap': dconv_overlap, 'subpixel': dconv_subpixel}
+G_METHODS = {'lax': wgrad_lax, 'im2col': wgrad_im2col, 'taps': wgrad_taps}
+
+
+def plan(h: int, c_in: int, c_out: int, impl: str = 'auto', backend: str | None = None):
+  """The methods (C, D, G) for the k4 s2 p1 conv c_in -> c_out at input size h.
+
+  Returns None for plain `lax` with jax's autodiff: impl 'lax', or 'auto' off CPU.
+  """
+  del c_out  # The rule does not need it; kept for the signature's clarity.
+  if impl not in IMPLS:
+    raise ValueError(f'impl must be one of {IMPLS}; got {impl!r}.')
+  backend = backend or jax.default_backend()
+  if impl == 'lax' or (impl == 'auto' and backend != 'cpu'):
+    return None
+  if impl == 'fast':
+    return 'im2col', 'subpixel' if h == 4 else 'overlap', 'im2col' if h <= 2 else 'taps'
+  return ('im2col' if h <= 4 else 'lax',
+          'overlap' if h <= 2 else 'subpixel' if h == 4 else 'lax',
+          'im2col' if h <= 2 else 'taps' if c_in <= 4 else 'lax')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_k4s2(x, w, methods):
+  """C(x, w) by methods[0]; its vjp is (D(dy, w), G(x, dy)) by methods[1], methods[2]."""
+  return C_METHODS[methods[0]](x, w)
+
+
+def _conv_k4s2_fwd(x, w, methods):
+  return conv_k4s2(x, w, methods), (x, w)
+
+
+def _conv_k4s2_bwd(methods, res, dy):
+  x, w = res
+  return D_METHODS[methods[1]](dy, w), G_METHODS[methods[2]](x, dy)
+
+
+conv_k4s2.defvjp(_conv_k4s2_fwd, _conv_k4s2_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dconv_k4s2(x, w, methods):
+  """D(x, w) by methods[1]; its vjp is (C(dy, w), G(dy, x)) by methods[0], methods[2]."""
+  return D_METHODS[methods[1]](x, w)
+
+
+def _dconv_k4s2_fwd(x, w, methods):
+  return dconv_k4s2(x, w, methods), (x, w)
+
+
+def _dconv_k4s2_bwd(methods, res, dy):
+  x, w = res
+  return C_METHODS[methods[0]](dy, w), G_METHODS[methods[2]](dy, x)
+
+
+dconv_k4s2.defvjp(_dconv_k4s2_fwd, _dconv_k4s2_bwd)
+
+
+def conv2d(x, w, stride: int = 2, padding: int = 1, impl: str = 'auto'):
+  """NHWC conv with an HWIO kernel, symmetric padding; the method is chosen at trace time."""
+  n, h, wd, c = x.shape
+  k = w.shape[0]
+  if (k, stride, padding) == (4, 2, 1) and h % 2 == 0 and wd % 2 == 0:
+    methods = plan(max(h, wd), c, w.shape[-1], impl)
+    return conv_lax(x, w) if methods is None else conv_k4s2(x, w, methods)
+  if impl not in IMPLS:
+    raise ValueError(f'impl must be one of {IMPLS}; got {impl!r}.')
+  one_pixel = (h + 2 * padding - k) // stride == 0 and (wd + 2 * padding - k) // stride == 0
+  if impl == 'fast' or (impl == 'auto' and jax.default_backend() == 'cpu' and one_pixel):
+    return conv_im2col(x, w, stride, padding)
+  return conv_lax(x, w, stride, padding)
+
+
+def conv_transpose2d(x, kernel, impl: str = 'auto'):
+  """4x4 stride-2 transposed conv, padding (2, 2), Flax `ConvTranspose` kernel orientation."""
+  methods = plan(2 * max(x.shape[1:3]), kernel.shape[-1], kernel.shape[-2], impl)
+  if methods is None:
+    return lax.conv_transpose(x, kernel, (2, 2), [(2, 2), (2, 2)], dimension_numbers=_DN)
+  return dconv_k4s2(x, _kt(kernel), methods)
 
 
 class Conv(nn.Module):
-  """A 2-D convolution over NHWC inputs (PyTorch `Conv2d` semantics)."""
+  """A 2-D convolution over NHWC inputs (PyTorch `Conv2d` semantics).
+
+  Attributes:
+    impl: 'auto' (fastest for the shape and backend), 'lax' or 'fast' (see the module doc).
+  """
 
   features: int
   kernel_size: int = 4
@@ -163,8 +277,8 @@ class Conv(nn.Module):
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param('kernel', conv_init, (k, k, x.shape[-1], self.features))
-    fn = CONV_METHODS[self.impl if self.impl in CONV_METHODS else 'im2col']
-    y = fn(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding,
+               self.impl)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
     return y
@@ -175,6 +289,9 @@ class ConvTranspose(nn.Module):
 
   Same kernel layout and orientation as `flax.linen.ConvTranspose(features, (4, 4),
   (2, 2), padding='SAME')`.
+
+  Attributes:
+    impl: 'auto' (fastest for the shape and backend), 'lax' or 'fast' (see the module doc).
   """
 
   features: int
@@ -185,11 +302,7 @@ class ConvTranspose(nn.Module):
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', conv_init, (4, 4, x.shape[-1], self.features))
-    fn = CONV_TRANSPOSE_METHODS[self.impl if self.impl in CONV_TRANSPOSE_METHODS else 'overlap']
-    y = fn(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = conv_transpose2d(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
     return y
-
-
-del jax

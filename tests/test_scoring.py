@@ -13,8 +13,7 @@ from skipganomaly_jax.scoring import score_details, scoring_variables
 def params():
   import conftest  # noqa: PLC0415
 
-  config = conftest.load_config('default')
-  config.model.ngf, config.model.ndf, config.model.nz = 8, 8, 16
+  config = conftest.tiny(conftest.load_config('default'))
   config.nc = 1
   g, d = ts.create_train_states(config, jax.random.key(0))
   # Non-trivial running statistics, as after training.

@@ -1,0 +1,161 @@
+"""End to end through main.py on the offline digits with a tiny model: training,
+outputs, kill -9 and resume, eval and score modes, load + score_fn, bad checkpoints."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, TINY, load_config, tiny
+from skipganomaly_jax import api, checkpointing, input_pipeline, metrics, score_fn, train
+
+EPOCHS, STEPS = 4, 3
+TRAIN_FLAGS = [f'--config.{k}={v}' for k, v in TINY.items()] + [
+    f'--config.num_epochs={EPOCHS}', f'--config.max_steps_per_epoch={STEPS}',
+    '--config.eval_batch_size=512']
+
+
+def main_cmd(workdir, *flags, config='configs/demo.py'):
+  return [sys.executable, str(ROOT / 'main.py'), f'--config={config}',
+          f'--workdir={workdir}', *flags]
+
+
+def run_main(workdir, *flags, **kwargs):
+  proc = subprocess.run(main_cmd(workdir, *flags, **kwargs), cwd=ROOT, capture_output=True,
+                        text=True, timeout=900)
+  return proc
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('run')
+  proc = run_main(workdir, *TRAIN_FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'AUROC' in proc.stdout and str(workdir) in proc.stdout
+  return workdir
+
+
+def test_training_writes_checkpoints_metrics_and_plots(trained):
+  for name in ('metrics.json', 'metrics.jsonl', 'roc.png', 'score_histogram.png',
+               'reconstructions.png'):
+    assert (trained / name).is_file(), name
+  report = json.loads((trained / 'metrics.json').read_text())
+  assert len(report['history']) == EPOCHS
+  final = report['final']
+  assert 0.0 <= final['auroc'] <= 1.0 and final['num_normal'] == 900
+  assert final['num_abnormal'] == 500 and final['step'] == EPOCHS * STEPS
+  with checkpointing.Checkpointer(trained / 'checkpoints') as ckpt:
+    assert ckpt.latest_step() == EPOCHS * STEPS
+  lines = (trained / 'metrics.jsonl').read_text().splitlines()
+  assert any('train/g_loss' in json.loads(line) for line in lines)
+  assert any('eval/auroc' in json.loads(line) for line in lines)
+  with Image.open(trained / 'reconstructions.png') as img:
+    assert img.size[0] > 100 and img.size[1] > 100
+
+
+def test_tensorboard_events_are_readable(trained):
+  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
+
+  acc = event_accumulator.EventAccumulator(str(trained / 'tensorboard'))
+  acc.Reload()
+  assert 'train/g_loss' in acc.Tags()['scalars']
+  assert len(acc.Scalars('eval/auroc')) == EPOCHS
+
+
+def test_load_and_score_fn_reproduce_the_reported_auroc(trained):
+  params, config, calibration = api.load(str(trained))
+  splits = input_pipeline.load_splits(config)
+  scores = np.asarray(score_fn(params, splits.test))
+  reported = json.loads((trained / 'metrics.json').read_text())['final']
+  assert metrics.auroc(splits.test_labels, scores) == pytest.approx(reported['auroc'], abs=1e-6)
+  assert calibration.threshold == pytest.approx(reported['threshold'])
+
+
+def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
+  proc = subprocess.Popen(main_cmd(tmp_path, *TRAIN_FLAGS), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = tmp_path / 'checkpoints' / str(STEPS)
+  try:
+    deadline = time.time() + 600
+    while not (first / '_CHECKPOINT_METADATA').exists():
+      assert proc.poll() is None and time.time() < deadline, 'no checkpoint appeared'
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  with checkpointing.Checkpointer(tmp_path / 'checkpoints') as ckpt:
+    assert ckpt.latest_step() < EPOCHS * STEPS, 'the run finished before it was killed'
+  resumed = run_main(tmp_path, *TRAIN_FLAGS)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  expected, _, _ = api.load(str(trained))
+  got, _, _ = api.load(str(tmp_path))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got,
+               expected)
+
+
+def test_eval_mode_rebuilds_outputs(trained, tmp_path):
+  workdir = tmp_path / 'copy'
+  shutil.copytree(trained, workdir)
+  for name in ('metrics.json', 'roc.png'):
+    (workdir / name).unlink()
+  proc = run_main(workdir, '--mode=eval')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (workdir / 'roc.png').is_file()
+  report = json.loads((workdir / 'metrics.json').read_text())['final']
+  original = json.loads((trained / 'metrics.json').read_text())['final']
+  assert report['auroc'] == pytest.approx(original['auroc'], abs=1e-6)
+
+
+def test_score_mode_writes_csv_and_maps(trained, tmp_path):
+  images = tmp_path / 'images'
+  images.mkdir()
+  rng = np.random.default_rng()
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(images / f'{i}.png')
+  proc = run_main(trained, '--mode=score', f'--images={images}', '--maps')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = (trained / 'scores.csv').read_text().splitlines()
+  assert rows[0] == 'path,score,normalised_score,anomalous' and len(rows) == 4
+  assert all(r.split(',')[3] in ('yes', 'no') for r in rows[1:])
+  assert len(os.listdir(trained / 'anomaly_maps')) == 3
+
+
+def test_corrupt_checkpoint_is_named(trained, tmp_path):
+  workdir = tmp_path / 'corrupt'
+  shutil.copytree(trained, workdir)
+  step_dir = workdir / 'checkpoints' / str(EPOCHS * STEPS)
+  for path in (step_dir / 'state' / 'd').iterdir():
+    path.unlink()
+  with pytest.raises(checkpointing.CheckpointError, match=str(step_dir)):
+    api.load(str(workdir))
+
+
+def test_mismatched_config_is_named(trained, tmp_path):
+  workdir = tmp_path / 'mismatch'
+  shutil.copytree(trained, workdir)
+  config = tiny(load_config('demo'))
+  config.model.ngf = 16  # Another width than the checkpoint's.
+  with pytest.raises(checkpointing.CheckpointError, match='expected shape'):
+    train.train_and_evaluate(config, str(workdir))
+
+
+def test_non_finite_loss_stops_loudly(tmp_path):
+  config = tiny(load_config('demo'))
+  config.loss.w_con = float('nan')
+  config.num_epochs, config.max_steps_per_epoch, config.log_every_steps = 1, 2, 1
+  with pytest.raises(train.DivergenceError, match='step 1'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_misspelled_config_key_is_an_error(tmp_path):
+  proc = run_main(tmp_path, '--config.num_epoch=3')
+  assert proc.returncode != 0 and 'num_epoch' in proc.stderr

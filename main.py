@@ -36,6 +36,10 @@ flags.mark_flags_as_required(['workdir'])
 
 def main(argv):
   del argv
+  if FLAGS.mode != 'train' and (FLAGS.distributed or FLAGS.coordinator_address):
+    raise app.UsageError(
+        f'--mode={FLAGS.mode} runs in a single process: drop --distributed and '
+        '--coordinator_address (on a TPU pod worker, also set JAX_PLATFORMS=cpu).')
   if FLAGS.distributed or FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)

@@ -29,6 +29,18 @@ def _step(ckpt: checkpointing.Checkpointer, which) -> int:
   return step
 
 
+def _local_target(abstract):
+  """Shapes and dtypes of `abstract`, placed on this process's first device.
+
+  A checkpoint keeps the shardings of the run that saved it (e.g. replicated over the 8
+  devices of 2 hosts); without explicit target shardings Orbax refuses to restore it on
+  another topology ("Topology mismatch"). Scoring wants the arrays on one local device.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                      abstract)
+
+
 def load(workdir: str, which='latest'):
   """Loads a trained model for scoring.
 
@@ -51,7 +63,8 @@ def load(workdir: str, which='latest'):
   with checkpointing.Checkpointer(directory) as ckpt:
     step = _step(ckpt, which)
     config = ml_collections.ConfigDict(ckpt.restore_meta(step)['config'])
-    target = jax.eval_shape(lambda: ts.create_train_states(config, jax.random.key(0)))
+    target = _local_target(jax.eval_shape(lambda: ts.create_train_states(config,
+                                                                         jax.random.key(0))))
     state, meta = ckpt.restore(step, {'g': target[0], 'd': target[1]})
   calibration = meta.get('calibration')
   calibration = calibration and metrics.Calibration.from_dict(calibration)

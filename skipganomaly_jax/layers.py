@@ -5,27 +5,42 @@ Both layers hold exactly the parameters of `flax.linen.Conv` / `flax.linen.ConvT
 counts do not depend on which implementation computes them.
 
 Why: XLA's CPU convolutions have slow paths at 1-4 pixel spatial sizes, and jax's own
-gradient of `lax.conv_transpose` is a dilated conv that is slow on CPU at every size (a
-ConvT 512->128 @8 fwd+bwd: 4.5 s at batch 64, vs 0.2 s). So on CPU ('auto') every k4 s2
-p1 layer runs through a `custom_vjp` built from three ops of the conv C(x, w) (C_in -> C_out
-at input size H): C itself, its input-transpose D(dy, w) and its weight gradient G(x, dy).
-Conv = C (grads D, G); ConvTranspose(x, w) = D(x, kT(w)) (grads C, G) with kT(w) = w
-flipped spatially, in/out swapped. Each op picks a method at trace time by shape:
+gradient of `lax.conv_transpose` (an input-dilated conv) is slow on CPU at every size. So
+on CPU ('auto') every k4 s2 p1 layer runs through a `custom_vjp` built from three ops of
+the conv C(x, w) (C_in -> C_out at input size H): C itself, its input-transpose D(dy, w)
+and its weight gradient G(x, dy). Conv = C (grads D, G); ConvTranspose(x, k) = D(x, kT(k))
+(grads C, G), kT = flipped spatially, in/out swapped. Each op picks a method by shape at
+trace time (rule from timing every method of each op: `conv_layers.py --ops`):
 
-  C: 'im2col' (patches + dot; a plain matmul when the output is 1x1) if H <= 4, else 'lax'.
-  D: 'overlap' (one dot with all 16 taps + overlap-add; a matmul at 1x1) if H <= 2,
-     'subpixel' (4 output phases, each patches + dot) if H == 4, else 'lax' (conv_transpose).
-  G: 'im2col' if H <= 2, 'taps' (16 dots over the batch) if C_in <= 4, else 'lax' (vjp of C).
-  Other convs (D's 'features' / 'classifier'): a matmul when the output is 1x1, else lax.
+  C: 'im2col' (patches + dot; a plain matmul when the output is 1x1) if H <= 8, else 'lax'.
+  D: 'overlap' (one dot with all 16 taps + overlap-add; a matmul at 1x1 input) if H <= 2,
+     'subpixel' (4 output phases, each a 2x2 conv as patches + dot) if H == 4, else 'lax'.
+  G: 'im2col' (patches^T @ dy) if H <= 4, 'taps' (16 dots over the batch) if C_in <= 4,
+     else 'lax' (jax's vjp of the lax conv).
+  Other convs (D's 'features', 'classifier'): a matmul when the output is 1x1, else lax.
 
-Measured (2 shared cores, batch 64, f32, median ms; benchmarks/conv_layers.py):
+Measured (2 shared cores, noisy; batch 64, f32, median ms; benchmarks/conv_layers.py; plan
+= C/D/G methods, for ConvT of the conv at twice its input size):
 
-  layer (isize 32)      fwd lax  fwd auto  fwd+bwd lax  fwd+bwd auto
-  TODO
+  layer (input size)   plan                     fwd: lax   auto  fwd+bwd: lax   auto
+  conv 3->64 @32       lax/lax/taps                  1.1    1.2           5.4    3.0
+  conv 64->128 @16     lax/lax/lax                   9.5    7.2          27.6   25.0
+  conv 128->256 @8     im2col/lax/lax                7.2    6.9          20.5   20.5
+  conv 256->512 @4     im2col/subpixel/im2col       10.1    6.7           263   23.3
+  conv 512->512 @2     im2col/overlap/im2col         137    1.0           225    5.7
+  conv 256->100 @4 D   matmul                        1.7    0.6           7.2    2.1
+  convT 512->512 @1    im2col/overlap/im2col        80.1    1.9           305    8.8
+  convT 1024->256 @2   im2col/subpixel/im2col        647   15.1           992   60.4
+  convT 512->128 @4    im2col/lax/lax               11.1   11.2           269   37.3
+  convT 256->64 @8     lax/lax/lax                  12.3   12.1           336   41.4
+  convT 128->3 @16     lax/lax/taps                  2.1    2.4          29.4    7.2
+  isize 64 adds e.g. convT 1024->512 @2: 2797 -> 46 (fwd), 4286 -> 129 (fwd+bwd).
+  Whole G (isize 32): forward 886 -> 79 ms; value_and_grad 2474 -> 286 ms.
 
 'lax' forces plain `lax` ops with jax's autodiff (the reference; always used off CPU);
 'fast' forces the custom_vjp with the best non-lax method of each op (for tests).
-The custom_vjp supports reverse mode (jit, grad, shard_map, vmap) but not forward mode.
+The custom_vjp supports reverse mode (jit, grad, shard_map, vmap) but not forward mode;
+under shard_map its cotangents get their inputs' varying mesh axes (`_like`).
 """
 
 import functools
@@ -49,8 +64,9 @@ _PHASE_TAPS = (((-1, 0), (0, 2)), ((0, 1), (1, 3)))
 
 def _dot(a, b):
   """`a @ b` over the last axis of a, accumulated in float32, returned in a's dtype."""
-  return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32).astype(a.dtype)
+  return lax.dot_general(
+    a, b, (((a.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  ).astype(a.dtype)
 
 
 def _kt(w):
@@ -90,7 +106,8 @@ def _im2col(x, k: int, stride: int, padding: int):
 def conv_lax(x, w, stride: int = 2, padding: int = 1):
   """C by `lax.conv_general_dilated` (PyTorch Conv2d semantics, symmetric padding)."""
   return lax.conv_general_dilated(
-      x, w, (stride, stride), [(padding, padding)] * 2, dimension_numbers=_DN)
+    x, w, (stride, stride), [(padding, padding)] * 2, dimension_numbers=_DN
+  )
 
 
 def conv_im2col(x, w, stride: int = 2, padding: int = 1):
@@ -122,9 +139,10 @@ def dconv_overlap(dy, w):
   z = jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
   phases = []
   for taps_r in _PHASE_TAPS:
-    r = sum(z[:, 1 + d:1 + d + h, :, kr] for d, kr in taps_r)  # (n, h, wd + 2, 4, f)
-    phases.append([sum(r[:, :, 1 + d:1 + d + wd, kc] for d, kc in taps_c)
-                   for taps_c in _PHASE_TAPS])
+    r = sum(z[:, 1 + d : 1 + d + h, :, kr] for d, kr in taps_r)  # (n, h, wd + 2, 4, f)
+    phases.append(
+      [sum(r[:, :, 1 + d : 1 + d + wd, kc] for d, kc in taps_c) for taps_c in _PHASE_TAPS]
+    )
   return _interleave(phases, n, h, wd, f)
 
 
@@ -140,7 +158,8 @@ def dconv_subpixel(dy, w):
     for taps_c in _PHASE_TAPS:
       taps = [(dr, kr, dc, kc) for dr, kr in taps_r for dc, kc in taps_c]
       patches = jnp.concatenate(
-          [xp[:, 1 + dr:1 + dr + h, 1 + dc:1 + dc + wd] for dr, _, dc, _ in taps], axis=-1)
+        [xp[:, 1 + dr : 1 + dr + h, 1 + dc : 1 + dc + wd] for dr, _, dc, _ in taps], axis=-1
+      )
       wk = jnp.stack([kernel[kr, kc] for _, kr, _, kc in taps]).reshape(4 * c, f)
       row.append(_dot(patches, wk))
     phases.append(row)
@@ -155,8 +174,9 @@ def wgrad_lax(x, dy):
 
 def _tdot(a, b):
   """Contraction of a and b over their (n, h, w) axes, float32 accumulation."""
-  return lax.dot_general(a, b, (((0, 1, 2), (0, 1, 2)), ((), ())),
-                         preferred_element_type=jnp.float32).astype(a.dtype)
+  return lax.dot_general(
+    a, b, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32
+  ).astype(a.dtype)
 
 
 def wgrad_im2col(x, dy):
@@ -171,9 +191,12 @@ def wgrad_taps(x, dy):
   n, h, wd, c = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   end = lambda i, j: (n, i + h - 1, j + wd - 1, c)
-  return jnp.stack([jnp.stack([
-      _tdot(lax.slice(xp, (0, i, j, 0), end(i, j), (1, 2, 2, 1)), dy) for j in range(4)])
-                    for i in range(4)])
+  return jnp.stack(
+    [
+      jnp.stack([_tdot(lax.slice(xp, (0, i, j, 0), end(i, j), (1, 2, 2, 1)), dy) for j in range(4)])
+      for i in range(4)
+    ]
+  )
 
 
 C_METHODS = {'lax': conv_lax, 'im2col': conv_im2col}
@@ -193,10 +216,30 @@ def plan(h: int, c_in: int, c_out: int, impl: str = 'auto', backend: str | None 
   if impl == 'lax' or (impl == 'auto' and backend != 'cpu'):
     return None
   if impl == 'fast':
-    return 'im2col', 'subpixel' if h == 4 else 'overlap', 'im2col' if h <= 2 else 'taps'
-  return ('im2col' if h <= 4 else 'lax',
-          'overlap' if h <= 2 else 'subpixel' if h == 4 else 'lax',
-          'im2col' if h <= 2 else 'taps' if c_in <= 4 else 'lax')
+    return 'im2col', 'subpixel' if h == 4 else 'overlap', 'im2col' if h <= 4 else 'taps'
+  return (
+    'im2col' if h <= 8 else 'lax',
+    'overlap' if h <= 2 else 'subpixel' if h == 4 else 'lax',
+    'im2col' if h <= 4 else 'taps' if c_in <= 4 else 'lax',
+  )
+
+
+def _like(ct, primal):
+  """The cotangent `ct` with the varying manual mesh axes of `primal` (under shard_map).
+
+  A custom_vjp must return cotangents of its inputs' types. Under `shard_map` with
+  check_vma, the batch varies over the device axis and a replicated kernel does not, so
+  a kernel gradient computed from per-device activations varies: it is summed over those
+  axes, as jax's own transpose of the implicit `pcast(..., to='varying')` of a replicated
+  operand does for `lax` ops. (A cotangent that varies less is marked varying.) Outside
+  shard_map both sets are empty and this is the identity.
+  """
+  have, want = jax.typeof(ct).mat.varying, jax.typeof(primal).mat.varying
+  if have - want:
+    ct = lax.psum(ct, tuple(sorted(have - want)))
+  if want - have:
+    ct = lax.pcast(ct, tuple(sorted(want - have)), to='varying')
+  return ct
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -206,12 +249,14 @@ def conv_k4s2(x, w, methods):
 
 
 def _conv_k4s2_fwd(x, w, methods):
+  """Forward of conv_k4s2, keeping (x, w) for the backward."""
   return conv_k4s2(x, w, methods), (x, w)
 
 
 def _conv_k4s2_bwd(methods, res, dy):
+  """(dx, dw) = (D(dy, w), G(x, dy))."""
   x, w = res
-  return D_METHODS[methods[1]](dy, w), G_METHODS[methods[2]](x, dy)
+  return _like(D_METHODS[methods[1]](dy, w), x), _like(G_METHODS[methods[2]](x, dy), w)
 
 
 conv_k4s2.defvjp(_conv_k4s2_fwd, _conv_k4s2_bwd)
@@ -224,12 +269,14 @@ def dconv_k4s2(x, w, methods):
 
 
 def _dconv_k4s2_fwd(x, w, methods):
+  """Forward of dconv_k4s2, keeping (x, w) for the backward."""
   return dconv_k4s2(x, w, methods), (x, w)
 
 
 def _dconv_k4s2_bwd(methods, res, dy):
+  """(dx, dw) = (C(dy, w), G(dy, x))."""
   x, w = res
-  return C_METHODS[methods[0]](dy, w), G_METHODS[methods[2]](dy, x)
+  return _like(C_METHODS[methods[0]](dy, w), x), _like(G_METHODS[methods[2]](dy, x), w)
 
 
 dconv_k4s2.defvjp(_dconv_k4s2_fwd, _dconv_k4s2_bwd)
@@ -277,8 +324,9 @@ class Conv(nn.Module):
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param('kernel', conv_init, (k, k, x.shape[-1], self.features))
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding,
-               self.impl)
+    y = conv2d(
+      x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding, self.impl
+    )
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
     return y

@@ -59,6 +59,7 @@ class Generator(nn.Module):
     ngf: width of the first level; widths double per level, capped at 8 * ngf.
     axis_name: mapped axis over which BatchNorm averages batch statistics in training.
     dtype: compute dtype (parameters stay float32).
+    conv_impl: how convs compute, 'auto' | 'lax' | 'fast' (see `layers`; same params).
   """
 
   isize: int = 32
@@ -66,6 +67,7 @@ class Generator(nn.Module):
   ngf: int = 64
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -77,16 +79,20 @@ class Generator(nn.Module):
     for i in range(levels):
       if i > 0:
         h = nn.leaky_relu(h, 0.2)
-      h = layers.Conv(widths[i], dtype=self.dtype, name=f'down_{i}')(h)
+      h = layers.Conv(widths[i], dtype=self.dtype, impl=self.conv_impl, name=f'down_{i}')(h)
       if 0 < i < levels - 1:  # Outermost and innermost levels have no norm.
         h = _batch_norm(train, self.axis_name, self.dtype, f'down_bn_{i}')(h)
       skips.append(h)
     for i in reversed(range(levels)):
       h = nn.relu(h)
       if i == 0:
-        h = layers.ConvTranspose(self.nc, use_bias=True, dtype=self.dtype, name='up_0')(h)
+        h = layers.ConvTranspose(
+          self.nc, use_bias=True, dtype=self.dtype, impl=self.conv_impl, name='up_0'
+        )(h)
         return jnp.tanh(h.astype(jnp.float32))
-      h = layers.ConvTranspose(widths[i - 1], dtype=self.dtype, name=f'up_{i}')(h)
+      h = layers.ConvTranspose(
+        widths[i - 1], dtype=self.dtype, impl=self.conv_impl, name=f'up_{i}'
+      )(h)
       h = _batch_norm(train, self.axis_name, self.dtype, f'up_bn_{i}')(h)
       h = jnp.concatenate([skips[i - 1], h], axis=-1)  # Skip first, as the reference.
 
@@ -105,21 +111,36 @@ class Discriminator(nn.Module):
   nz: int = 100
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'  # How convs compute, 'auto' | 'lax' | 'fast' (see `layers`).
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     check_architecture(self.isize, self.nc)
-    h = layers.Conv(self.ndf, dtype=self.dtype, name='conv_0')(x.astype(self.dtype))
+    h = layers.Conv(self.ndf, dtype=self.dtype, impl=self.conv_impl, name='conv_0')(
+      x.astype(self.dtype)
+    )
     h = nn.leaky_relu(h, 0.2)
     for i in range(1, int(math.log2(self.isize)) - 2):  # Down to 4x4.
-      h = layers.Conv(self.ndf * 2**i, dtype=self.dtype, name=f'conv_{i}')(h)
+      h = layers.Conv(self.ndf * 2**i, dtype=self.dtype, impl=self.conv_impl, name=f'conv_{i}')(h)
       h = _batch_norm(train, self.axis_name, self.dtype, f'bn_{i}')(h)
       h = nn.leaky_relu(h, 0.2)
     features = layers.Conv(
-      self.nz, kernel_size=4, stride=1, padding=0, dtype=self.dtype, name='features'
+      self.nz,
+      kernel_size=4,
+      stride=1,
+      padding=0,
+      dtype=self.dtype,
+      impl=self.conv_impl,
+      name='features',
     )(h)
     logits = layers.Conv(
-      1, kernel_size=3, stride=1, padding=1, dtype=self.dtype, name='classifier'
+      1,
+      kernel_size=3,
+      stride=1,
+      padding=1,
+      dtype=self.dtype,
+      impl=self.conv_impl,
+      name='classifier',
     )(features)
     return (
       logits.reshape(-1).astype(jnp.float32),
@@ -136,6 +157,7 @@ class ModelSpec:
   ngf: int = 64
   ndf: int = 64
   nz: int = 100
+  conv_impl: str = 'auto'  # How convs compute, 'auto' | 'lax' | 'fast' (same params).
 
   def __post_init__(self):
     check_architecture(self.isize, self.nc)
@@ -164,10 +186,20 @@ class ModelSpec:
     )
 
   def generator(self, axis_name=None, dtype=jnp.float32) -> Generator:
-    return Generator(self.isize, self.nc, self.ngf, axis_name=axis_name, dtype=dtype)
+    return Generator(
+      self.isize, self.nc, self.ngf, axis_name=axis_name, dtype=dtype, conv_impl=self.conv_impl
+    )
 
   def discriminator(self, axis_name=None, dtype=jnp.float32) -> Discriminator:
-    return Discriminator(self.isize, self.nc, self.ndf, self.nz, axis_name=axis_name, dtype=dtype)
+    return Discriminator(
+      self.isize,
+      self.nc,
+      self.ndf,
+      self.nz,
+      axis_name=axis_name,
+      dtype=dtype,
+      conv_impl=self.conv_impl,
+    )
 
 
 def reinit_params(params, rng: jax.Array):
@@ -179,7 +211,7 @@ def reinit_params(params, rng: jax.Array):
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   keys = jax.random.split(rng, len(leaves))
   new = []
-  for (path, leaf), key in zip(leaves, keys):
+  for (path, leaf), key in zip(leaves, keys, strict=True):
     name = path[-1].key
     if name == 'kernel':
       new.append(0.02 * jax.random.normal(key, leaf.shape, leaf.dtype))

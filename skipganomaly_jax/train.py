@@ -170,8 +170,9 @@ def evaluate_epoch(run: Run, g, d, epoch: int, step: int):
   report = metrics.evaluate(run.splits.test_labels, test_scores, calibration)
   report.update(epoch=epoch, step=step, val_score=float(np.mean(val_scores)))
   if run.config.protocol == 'reference':
-    ref = evaluation.reference_protocol_scores(variables, run.splits.test, run.spec,
-                                               run.config.score_lambda)
+    # On one local device in each process: host copies of the global arrays.
+    ref = evaluation.reference_protocol_scores(jax.device_get(variables), run.splits.test,
+                                               run.spec, run.config.score_lambda)
     report['reference_protocol_auroc'] = metrics.auroc(run.splits.test_labels, ref)
   run.writer.write_scalars(step, {k: v for k, v in report.items()
                                   if isinstance(v, int | float)}, prefix='eval/')
@@ -220,8 +221,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if test_scores is None and history:  # Resumed after the last epoch: score again.
       test_scores = run.scorer(scoring_variables(g, d), run.splits.test)
     if history and jax.process_index() == 0:
-      outputs.write_all(workdir, run.splits, scoring_variables(g, d), test_scores,
-                        history, calibration)
+      # Host copies: a jit over the global (all-process) arrays would have to run in
+      # every process, but only process 0 plots.
+      outputs.write_all(workdir, run.splits, jax.device_get(scoring_variables(g, d)),
+                        test_scores, history, calibration)
   finally:
     stop.restore()
     run.checkpointer.close()

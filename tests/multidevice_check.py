@@ -21,6 +21,8 @@ def relative_error(a, b) -> float:
   num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
             for x, y in zip(la, lb, strict=True))
   den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in lb)
+  if den == 0.0:  # e.g. SGD's empty optimizer state
+    return 0.0 if num == 0.0 else float('inf')
   return float(np.sqrt(num / den))
 
 
@@ -43,7 +45,9 @@ def run(config, tx, batches, seed):
   single = jax.jit(lambda g, d, x, k: ts.train_step(g, d, x, k, config=config))
   mesh = ts.make_mesh()
   parallel = ts.make_parallel_train_step(config, mesh)
+  # replicate() may reuse init's buffers, which the donating parallel step then deletes.
   one, many = init, ts.replicate(init, mesh)
+  init = jax.device_get(init)
   out = {}
   for i, x in enumerate(batches):
     one = single(*one, x, jax.random.key(i))[:2]

@@ -1,0 +1,129 @@
+"""Detection quality per abnormal class: our protocol beside the reference's, one run each.
+
+For every (abnormal class, seed) cell it trains with the given config (with
+`protocol='reference'`, which additionally scores the test set the reference's way after
+every epoch without touching our running statistics) and records:
+  - ours_last: AUROC / AP with eval-mode BatchNorm, model of the last epoch;
+  - ours_val_selected: AUROC of the epoch with the lowest mean validation-normal score
+    (selection on held-out normals only);
+  - reference_max: the reference's number, max over epochs of its test AUROC (BatchNorm
+    in training mode, normal-first batches of 64; model selection on the test set);
+  - the per-epoch curves of both.
+Finished cells are skipped (their JSON exists); an interrupted cell resumes from its
+checkpoint. Writes benchmarks/results/quality.json and quality.md.
+
+    python benchmarks/quality.py --config=configs/demo.py --classes=0,1,2 --seeds=0 \
+        --set model.ngf=64 --set model.ndf=64 --set num_epochs=15
+"""
+
+import argparse
+import importlib
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from skipganomaly_jax import train  # noqa: E402
+
+
+def build_config(config_path: str, overrides: list[str], abnormal: str, seed: int):
+  """The config of one cell: the file's config, the overrides, class, seed, protocol."""
+  module = importlib.import_module(config_path.replace('/', '.').removesuffix('.py'))
+  config = module.get_config()
+  for item in overrides:
+    key, value = item.split('=', 1)
+    node, *path = key.split('.')
+    target = config if not path else config[node]
+    name = path[-1] if path else node
+    for part in path[:-1]:
+      target = target[part]
+    target[name] = type(target[name])(value)
+  config.dataset.abnormal_class = abnormal
+  config.dataset.seed = seed
+  config.seed = seed
+  config.protocol = 'reference'
+  return config
+
+
+def run_cell(config, workdir: pathlib.Path) -> dict:
+  """Trains one cell (or resumes it) and summarises its history."""
+  start = time.perf_counter()
+  train.train_and_evaluate(config, str(workdir))
+  seconds = time.perf_counter() - start
+  history = json.loads((workdir / 'metrics.json').read_text())['history']
+  best_val = min(history, key=lambda r: r['val_score'])
+  ref = [r['reference_protocol_auroc'] for r in history]
+  return {
+      'ours_last_auroc': history[-1]['auroc'],
+      'ours_last_ap': history[-1]['average_precision'],
+      'ours_val_selected_auroc': best_val['auroc'],
+      'ours_val_selected_epoch': best_val['epoch'],
+      'reference_max_auroc': max(ref),
+      'reference_best_epoch': int(np.argmax(ref)) + 1,
+      'curve_ours': [r['auroc'] for r in history],
+      'curve_reference': ref,
+      'seconds': seconds,
+  }
+
+
+def write_tables(cells: dict, out: pathlib.Path, header: str) -> None:
+  """quality.json and a markdown table with means."""
+  (out / 'quality.json').write_text(json.dumps({'setup': header, 'cells': cells}, indent=2))
+  cols = ('ours_last_auroc', 'ours_last_ap', 'ours_val_selected_auroc', 'reference_max_auroc')
+  lines = [f'Setup: {header}', '',
+           '| abnormal | seed | ours AUROC (last) | ours AP (last) | ours AUROC (val-selected) '
+           '| reference protocol AUROC (max over epochs) | ref. best epoch | minutes |',
+           '|---|---|---|---|---|---|---|---|']
+  for key, c in sorted(cells.items()):
+    cls, seed = key.split('/')
+    lines.append(f'| {cls} | {seed} | ' + ' | '.join(f'{c[k]:.3f}' for k in cols)
+                 + f" | {c['reference_best_epoch']} | {c['seconds'] / 60:.1f} |")
+  if cells:
+    means = [np.mean([c[k] for c in cells.values()]) for k in cols]
+    lines.append('| **mean** | | ' + ' | '.join(f'**{m:.3f}**' for m in means) + ' | | |')
+  lines += ['', 'Per-epoch AUROC (ours, eval-mode BN / reference protocol):', '']
+  for key, c in sorted(cells.items()):
+    ours = ' '.join(f'{v:.3f}' for v in c['curve_ours'])
+    ref = ' '.join(f'{v:.3f}' for v in c['curve_reference'])
+    lines.append(f'- {key}: ours [{ours}]; reference [{ref}]')
+  (out / 'quality.md').write_text('\n'.join(lines) + '\n')
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='configs/demo.py')
+  parser.add_argument('--classes', default='0,1,2,3,4,5,6,7,8,9')
+  parser.add_argument('--seeds', default='0')
+  parser.add_argument('--set', action='append', default=[], help='key=value override')
+  parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results'))
+  parser.add_argument('--runs', default=str(ROOT / 'runs' / 'quality'),
+                      help='workdirs of the cells (checkpoints; not committed)')
+  args = parser.parse_args()
+  out, runs = pathlib.Path(args.out), pathlib.Path(args.runs)
+  out.mkdir(parents=True, exist_ok=True)
+  header = f"config={args.config} overrides={args.set or 'none'}"
+  done_file = out / 'quality.json'
+  cells = json.loads(done_file.read_text())['cells'] if done_file.exists() else {}
+  for seed in map(int, args.seeds.split(',')):
+    for cls in args.classes.split(','):
+      key = f'{cls}/{seed}'
+      if key in cells:
+        print(f'{key}: done, skipped')
+        continue
+      config = build_config(args.config, args.set, cls, seed)
+      cells[key] = run_cell(config, runs / f'class{cls}_seed{seed}')
+      write_tables(cells, out, header)
+      print(key, {k: v for k, v in cells[key].items() if not k.startswith('curve')})
+  write_tables(cells, out, header)
+  print((out / 'quality.md').read_text())
+
+
+if __name__ == '__main__':
+  os.chdir(ROOT)
+  main()

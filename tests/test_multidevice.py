@@ -13,7 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run_check(*args) -> dict:
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  env = dict(os.environ, XLA_FLAGS=flags,
              JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'multidevice_check.py'),
                          *map(str, args)], cwd=ROOT, env=env, capture_output=True,

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import FAST_COMPILE, ROOT
 
 from skipganomaly_jax import api, checkpointing
 
@@ -31,7 +31,8 @@ def free_port() -> int:
 
 def child_env() -> dict:
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  env.pop('XLA_FLAGS', None)  # jax_num_cpu_devices sets the device count.
+  # jax_num_cpu_devices sets the device count; keep only the fast-compile flag.
+  env['XLA_FLAGS'] = FAST_COMPILE
   return env
 
 

@@ -77,3 +77,24 @@ def test_discriminator_latent_switch(tiny_config, batch):
   _, _, m_on = jitted_step(tiny_config)(g0, d0, batch, jax.random.key(0))
   _, _, m_off = jitted_step(off)(g0, d0, batch, jax.random.key(0))
   np.testing.assert_allclose(m_off['d_loss'], m_on['d_loss'] - m_on['d_lat'], rtol=1e-5)
+
+
+def test_bfloat16_compute_trains_with_float32_params(tiny_config, batch):
+  config = tiny_config.copy_and_resolve_references()
+  config.dtype = 'bfloat16'
+  step = jitted_step(config)
+  g, d = ts.create_train_states(config, jax.random.key(4))
+  losses = []
+  for i in range(8):
+    g, d, metrics = step(g, d, batch, jax.random.key(i))
+    losses.append(float(metrics['g_loss']))
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.2, losses
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves((g.params, d.params, g.opt_state))
+            if hasattr(leaf, 'dtype') and leaf.dtype != jnp.int32}
+  assert dtypes == {jnp.dtype('float32')}
+
+
+def test_bad_dtype_is_rejected(tiny_config):
+  tiny_config.dtype = 'float16'
+  with pytest.raises(ValueError, match="'float32' or 'bfloat16'"):
+    ts.compute_dtype(tiny_config)

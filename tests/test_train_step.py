@@ -13,18 +13,24 @@ def jitted_step(config):
   return jax.jit(lambda g, d, x, k: ts.train_step(g, d, x, k, config=config))
 
 
+def run_steps(config, batch, seed: int, num_steps: int = 8):
+  """(g, d, last metrics, G losses) after num_steps jitted steps on one batch."""
+  step = jitted_step(config)
+  g, d = ts.create_train_states(config, jax.random.key(seed))
+  losses = []
+  for i in range(num_steps):
+    g, d, metrics = step(g, d, batch, jax.random.key(i))
+    losses.append(float(metrics['g_loss']))
+  return g, d, metrics, losses
+
+
 @pytest.fixture(scope='module')
 def batch():
   return np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
 
 
 def test_few_steps_reduce_generator_loss(tiny_config, batch):
-  step = jitted_step(tiny_config)
-  g, d = ts.create_train_states(tiny_config, jax.random.key(0))
-  losses = []
-  for i in range(8):
-    g, d, metrics = step(g, d, batch, jax.random.key(i))
-    losses.append(float(metrics['g_loss']))
+  g, d, metrics, losses = run_steps(tiny_config, batch, seed=0)
   assert all(np.isfinite(losses))
   assert losses[-1] < losses[0] - 0.2, losses
   assert int(g.step) == 8 and int(d.step) == 8
@@ -82,12 +88,7 @@ def test_discriminator_latent_switch(tiny_config, batch):
 def test_bfloat16_compute_trains_with_float32_params(tiny_config, batch):
   config = tiny_config.copy_and_resolve_references()
   config.dtype = 'bfloat16'
-  step = jitted_step(config)
-  g, d = ts.create_train_states(config, jax.random.key(4))
-  losses = []
-  for i in range(8):
-    g, d, metrics = step(g, d, batch, jax.random.key(i))
-    losses.append(float(metrics['g_loss']))
+  g, d, _, losses = run_steps(config, batch, seed=4)
   assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.2, losses
   dtypes = {leaf.dtype for leaf in jax.tree.leaves((g.params, d.params, g.opt_state))
             if hasattr(leaf, 'dtype') and leaf.dtype != jnp.int32}

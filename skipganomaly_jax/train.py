@@ -109,11 +109,16 @@ def restore_or_init(run: Run):
   return (state['g'], state['d']), meta
 
 
-def check_and_log(run: Run, pending: list, pbar, seconds: float) -> None:
-  """Fetches pending step metrics, stops on NaN/Inf, writes their means."""
+def check_and_log(run: Run, pending: list, pbar, tick: float) -> None:
+  """Fetches pending step metrics, stops on NaN/Inf, writes their means.
+
+  `tick` is when the first pending step was dispatched; the fetch waits for the last
+  one, so the elapsed time after it covers all pending steps (dispatch is asynchronous).
+  """
   if not pending:
     return
   steps, host = [s for s, _ in pending], jax.device_get([m for _, m in pending])
+  seconds = time.perf_counter() - tick
   for step, m in zip(steps, host, strict=True):
     bad = {k: float(v) for k, v in m.items() if not np.isfinite(v)}
     if bad:
@@ -147,7 +152,7 @@ def train_epoch(run: Run, g, d, step: int, stop: PreemptionFlag):
       pbar.update(1)
     last = i + 1 == run.steps_per_epoch
     if len(pending) >= run.config.log_every_steps or last:
-      check_and_log(run, pending, pbar, time.perf_counter() - tick)
+      check_and_log(run, pending, pbar, tick)
       pending, tick = [], time.perf_counter()
       if not last and stop.requested():
         return g, d, step, False

@@ -15,22 +15,28 @@ from ml_collections import config_flags
 from skipganomaly_jax import api, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and outputs.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'score'],
-                  'train (resumes if workdir has checkpoints), eval (rebuild outputs from '
-                  'a checkpoint) or score (score --images with the stored calibration).')
+flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'eval', 'score'],
+  'train (resumes if workdir has checkpoints), eval (rebuild outputs from '
+  'a checkpoint) or score (score --images with the stored calibration).',
+)
 flags.DEFINE_string('checkpoint', 'latest', "eval/score: 'latest', 'best' or a step.")
 flags.DEFINE_string('images', None, 'score: an image file or a folder of images.')
 flags.DEFINE_bool('maps', False, 'score: also write anomaly-map PNGs.')
-flags.DEFINE_string('coordinator_address', None,
-                    'Multi-process runs: host:port of process 0 (omit on TPU pods and '
-                    'SLURM, where it is detected).')
+flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'Multi-process runs: host:port of process 0 (omit on TPU pods and SLURM, where it is detected).',
+)
 flags.DEFINE_integer('num_processes', None, 'Multi-process runs: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process.')
-flags.DEFINE_bool('distributed', False,
-                  'Call jax.distributed.initialize() (auto-detected on TPU pods / SLURM).')
+flags.DEFINE_bool(
+  'distributed', False, 'Call jax.distributed.initialize() (auto-detected on TPU pods / SLURM).'
+)
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -38,32 +44,42 @@ def main(argv):
   del argv
   if FLAGS.mode != 'train' and (FLAGS.distributed or FLAGS.coordinator_address):
     raise app.UsageError(
-        f'--mode={FLAGS.mode} runs in a single process: drop --distributed and '
-        '--coordinator_address (on a TPU pod worker, also set JAX_PLATFORMS=cpu).')
+      f'--mode={FLAGS.mode} runs in a single process: drop --distributed and '
+      '--coordinator_address (on a TPU pod worker, also set JAX_PLATFORMS=cpu).'
+    )
   if FLAGS.distributed or FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
-  logging.info('JAX process %d/%d, %d local / %d global devices (%s).',
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.default_backend())
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  logging.info(
+    'JAX process %d/%d, %d local / %d global devices (%s).',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.default_backend(),
+  )
   if FLAGS.mode == 'train':
     if FLAGS.config is None:
       raise app.UsageError('--config is required for training.')
     report = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if report and jax.process_index() == 0:
-      print(f"AUROC {report['auroc']:.4f} (average precision "
-            f"{report['average_precision']:.4f}, F1 {report['f1']:.4f}) after epoch "
-            f"{report['epoch']}; outputs in {FLAGS.workdir}/ (metrics.json, roc.png, "
-            'score_histogram.png, reconstructions.png)')
+      print(
+        f'AUROC {report["auroc"]:.4f} (average precision '
+        f'{report["average_precision"]:.4f}, F1 {report["f1"]:.4f}) after epoch '
+        f'{report["epoch"]}; outputs in {FLAGS.workdir}/ (metrics.json, roc.png, '
+        'score_histogram.png, reconstructions.png)'
+      )
   elif FLAGS.mode == 'eval':
     report = api.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
-    print(f"AUROC {report['auroc']:.4f} ({FLAGS.checkpoint} checkpoint); outputs "
-          f'rewritten in {FLAGS.workdir}/')
+    print(
+      f'AUROC {report["auroc"]:.4f} ({FLAGS.checkpoint} checkpoint); outputs '
+      f'rewritten in {FLAGS.workdir}/'
+    )
   else:
     if not FLAGS.images:
       raise app.UsageError('--mode=score needs --images=PATH (a file or a folder).')
-    print('Scores written to', api.score_path(FLAGS.workdir, FLAGS.images, FLAGS.maps,
-                                               FLAGS.checkpoint))
+    print(
+      'Scores written to', api.score_path(FLAGS.workdir, FLAGS.images, FLAGS.maps, FLAGS.checkpoint)
+    )
 
 
 if __name__ == '__main__':

@@ -8,6 +8,10 @@ every epoch without touching our running statistics) and records:
     (selection on held-out normals only);
   - reference_max: the reference's number, max over epochs of its test AUROC (BatchNorm
     in training mode, normal-first batches of 64; model selection on the test set);
+  - reference_shuffled: the reference's evaluation (train-mode BatchNorm, batches of 64)
+    of the last epoch's model on *shuffled* test batches: a diagnostic that separates
+    what train-mode BatchNorm gains from the normal-first batch order (each batch then
+    holds one class, and its statistics tell the classes apart);
   - the per-epoch curves of both.
 Finished cells are skipped (their JSON exists); an interrupted cell resumes from its
 checkpoint. Writes benchmarks/results/quality.json and quality.md.
@@ -29,7 +33,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from skipganomaly_jax import train  # noqa: E402
+from skipganomaly_jax import api, evaluation, input_pipeline, metrics, train  # noqa: E402
+from skipganomaly_jax.models import ModelSpec  # noqa: E402
 
 
 def build_config(config_path: str, overrides: list[str], abnormal: str, seed: int):
@@ -60,32 +65,61 @@ def run_cell(config, workdir: pathlib.Path) -> dict:
   best_val = min(history, key=lambda r: r['val_score'])
   ref = [r['reference_protocol_auroc'] for r in history]
   return {
-      'ours_last_auroc': history[-1]['auroc'],
-      'ours_last_ap': history[-1]['average_precision'],
-      'ours_val_selected_auroc': best_val['auroc'],
-      'ours_val_selected_epoch': best_val['epoch'],
-      'reference_max_auroc': max(ref),
-      'reference_best_epoch': int(np.argmax(ref)) + 1,
-      'curve_ours': [r['auroc'] for r in history],
-      'curve_reference': ref,
-      'seconds': seconds,
+    'ours_last_auroc': history[-1]['auroc'],
+    'ours_last_ap': history[-1]['average_precision'],
+    'ours_val_selected_auroc': best_val['auroc'],
+    'ours_val_selected_epoch': best_val['epoch'],
+    'reference_max_auroc': max(ref),
+    'reference_best_epoch': int(np.argmax(ref)) + 1,
+    'curve_ours': [r['auroc'] for r in history],
+    'curve_reference': ref,
+    'seconds': seconds,
   }
+
+
+def shuffled_reference_auroc(workdir: pathlib.Path, seeds=(0, 1, 2)) -> float:
+  """Mean AUROC of the reference's train-mode-BN scoring on shuffled test batches."""
+  params, config, _ = api.load(str(workdir))
+  spec = ModelSpec.from_variables(params)
+  splits = input_pipeline.load_splits(config)
+  aurocs = []
+  for seed in seeds:
+    perm = np.random.default_rng(seed).permutation(len(splits.test))
+    scores = np.empty(len(perm))
+    scores[perm] = evaluation.reference_protocol_scores(
+      params, splits.test[perm], spec, config.score_lambda
+    )
+    aurocs.append(metrics.auroc(splits.test_labels, scores))
+  return float(np.mean(aurocs))
 
 
 def write_tables(cells: dict, out: pathlib.Path, header: str) -> None:
   """quality.json and a markdown table with means."""
   (out / 'quality.json').write_text(json.dumps({'setup': header, 'cells': cells}, indent=2))
-  cols = ('ours_last_auroc', 'ours_last_ap', 'ours_val_selected_auroc', 'reference_max_auroc')
-  lines = [f'Setup: {header}', '',
-           '| abnormal | seed | ours AUROC (last) | ours AP (last) | ours AUROC (val-selected) '
-           '| reference protocol AUROC (max over epochs) | ref. best epoch | minutes |',
-           '|---|---|---|---|---|---|---|---|']
+  cols = (
+    'ours_last_auroc',
+    'ours_last_ap',
+    'ours_val_selected_auroc',
+    'reference_max_auroc',
+    'reference_shuffled_auroc',
+  )
+  lines = [
+    f'Setup: {header}',
+    '',
+    '| abnormal | seed | ours AUROC (last) | ours AP (last) | ours AUROC (val-selected) '
+    '| reference protocol AUROC (max over epochs) | reference scoring, shuffled batches '
+    '(last epoch) | ref. best epoch | minutes |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
   for key, c in sorted(cells.items()):
     cls, seed = key.split('/')
-    lines.append(f'| {cls} | {seed} | ' + ' | '.join(f'{c[k]:.3f}' for k in cols)
-                 + f" | {c['reference_best_epoch']} | {c['seconds'] / 60:.1f} |")
+    lines.append(
+      f'| {cls} | {seed} | '
+      + ' | '.join(f'{c.get(k, float("nan")):.3f}' for k in cols)
+      + f' | {c["reference_best_epoch"]} | {c["seconds"] / 60:.1f} |'
+    )
   if cells:
-    means = [np.mean([c[k] for c in cells.values()]) for k in cols]
+    means = [np.mean([c.get(k, np.nan) for c in cells.values()]) for k in cols]
     lines.append('| **mean** | | ' + ' | '.join(f'**{m:.3f}**' for m in means) + ' | | |')
   lines += ['', 'Per-epoch AUROC (ours, eval-mode BN / reference protocol):', '']
   for key, c in sorted(cells.items()):
@@ -102,22 +136,36 @@ def main() -> None:
   parser.add_argument('--seeds', default='0')
   parser.add_argument('--set', action='append', default=[], help='key=value override')
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results'))
-  parser.add_argument('--runs', default=str(ROOT / 'runs' / 'quality'),
-                      help='workdirs of the cells (checkpoints; not committed)')
+  parser.add_argument(
+    '--runs',
+    default=str(ROOT / 'runs' / 'quality'),
+    help='workdirs of the cells (checkpoints; not committed)',
+  )
+  parser.add_argument(
+    '--summarise_only',
+    action='store_true',
+    help='train nothing: add missing diagnostics to finished cells, rewrite tables',
+  )
   args = parser.parse_args()
   out, runs = pathlib.Path(args.out), pathlib.Path(args.runs)
   out.mkdir(parents=True, exist_ok=True)
-  header = f"config={args.config} overrides={args.set or 'none'}"
+  header = f'config={args.config} overrides={args.set or "none"}'
   done_file = out / 'quality.json'
   cells = json.loads(done_file.read_text())['cells'] if done_file.exists() else {}
   for seed in map(int, args.seeds.split(',')):
     for cls in args.classes.split(','):
       key = f'{cls}/{seed}'
+      workdir = runs / f'class{cls}_seed{seed}'
       if key in cells:
+        if 'reference_shuffled_auroc' not in cells[key] and workdir.exists():
+          cells[key]['reference_shuffled_auroc'] = shuffled_reference_auroc(workdir)
         print(f'{key}: done, skipped')
         continue
+      if args.summarise_only:
+        continue
       config = build_config(args.config, args.set, cls, seed)
-      cells[key] = run_cell(config, runs / f'class{cls}_seed{seed}')
+      cells[key] = run_cell(config, workdir)
+      cells[key]['reference_shuffled_auroc'] = shuffled_reference_auroc(workdir)
       write_tables(cells, out, header)
       print(key, {k: v for k, v in cells[key].items() if not k.startswith('curve')})
   write_tables(cells, out, header)

@@ -85,9 +85,14 @@ def bench_train(config, batch: int, iters: int, rng) -> dict:
     return m
 
   seconds = timed(call, lambda: (fresh(),), iters)
-  return {'batch': batch, 'compile_s': compile_s, 'step_s': seconds,
-          'images_per_s': batch / seconds, 'flops_per_image': flops / batch,
-          'flops_per_s': flops / seconds}
+  return {
+    'batch': batch,
+    'compile_s': compile_s,
+    'step_s': seconds,
+    'images_per_s': batch / seconds,
+    'flops_per_image': flops / batch,
+    'flops_per_s': flops / seconds,
+  }
 
 
 def bench_score(config, batch: int, iters: int, rng) -> dict:
@@ -101,9 +106,14 @@ def bench_score(config, batch: int, iters: int, rng) -> dict:
   fresh = lambda: (params, jnp.asarray(rng.uniform(-1, 1, shape).astype(np.float32)))
   compile_s, flops = compile_and_flops(fn, *fresh())
   seconds = timed(fn, fresh, iters)
-  return {'batch': batch, 'compile_s': compile_s, 'step_s': seconds,
-          'images_per_s': batch / seconds, 'flops_per_image': flops / batch,
-          'flops_per_s': flops / seconds}
+  return {
+    'batch': batch,
+    'compile_s': compile_s,
+    'step_s': seconds,
+    'images_per_s': batch / seconds,
+    'flops_per_image': flops / batch,
+    'flops_per_s': flops / seconds,
+  }
 
 
 def bench_input(batch: int) -> float:
@@ -141,33 +151,46 @@ def main() -> None:
   for nc in map(int, args.channels.split(',')):
     config = default.get_config()
     config.nc, config.dtype = nc, args.dtype
-    for kind, batches, fn in (('train', args.train_batches, bench_train),
-                              ('score', args.score_batches, bench_score)):
+    for kind, batches, fn in (
+      ('train', args.train_batches, bench_train),
+      ('score', args.score_batches, bench_score),
+    ):
       for batch in map(int, batches.split(',')):
         row = {'kind': kind, 'nc': nc, **fn(config, batch, args.iters, rng)}
         row['fraction_of_matmul_peak'] = row['flops_per_s'] / peak
         rows.append(row)
         print(json.dumps(row), flush=True)
   result = {
-      'backend': backend, 'device': str(jax.devices()[0]), 'device_count': jax.device_count(),
-      'dtype': args.dtype, 'isize': 32, 'widths': 'ngf=ndf=64, nz=100',
-      'matmul_peak_flops_per_s': peak, 'input_images_per_s_batch64': bench_input(64),
-      'peak_host_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      'peak_device_memory_mib': device_peak_memory(), 'iters': args.iters, 'rows': rows,
+    'backend': backend,
+    'device': str(jax.devices()[0]),
+    'device_count': jax.device_count(),
+    'dtype': args.dtype,
+    'isize': 32,
+    'widths': 'ngf=ndf=64, nz=100',
+    'matmul_peak_flops_per_s': peak,
+    'input_images_per_s_batch64': bench_input(64),
+    'peak_host_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    'peak_device_memory_mib': device_peak_memory(),
+    'iters': args.iters,
+    'rows': rows,
   }
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   path = out / f'throughput_{backend}_{args.dtype}.json'
   path.write_text(json.dumps(result, indent=2))
-  print(f"\n{backend} ({result['device']}), {args.dtype}, matmul peak "
-        f"{peak / 1e9:.0f} GFLOP/s, input pipeline {result['input_images_per_s_batch64']:.0f} "
-        f"images/s, peak RSS {result['peak_host_rss_mib']:.0f} MiB")
+  print(
+    f'\n{backend} ({result["device"]}), {args.dtype}, matmul peak '
+    f'{peak / 1e9:.0f} GFLOP/s, input pipeline {result["input_images_per_s_batch64"]:.0f} '
+    f'images/s, peak RSS {result["peak_host_rss_mib"]:.0f} MiB'
+  )
   print('| kind | nc | batch | images/s | step ms | compile s | GFLOP/image | % of matmul peak |')
   print('|---|---|---|---|---|---|---|---|')
   for r in rows:
-    print(f"| {r['kind']} | {r['nc']} | {r['batch']} | {r['images_per_s']:.1f} | "
-          f"{r['step_s'] * 1e3:.1f} | {r['compile_s']:.1f} | {r['flops_per_image'] / 1e9:.3f} | "
-          f"{100 * r['fraction_of_matmul_peak']:.1f} |")
+    print(
+      f'| {r["kind"]} | {r["nc"]} | {r["batch"]} | {r["images_per_s"]:.1f} | '
+      f'{r["step_s"] * 1e3:.1f} | {r["compile_s"]:.1f} | {r["flops_per_image"] / 1e9:.3f} | '
+      f'{100 * r["fraction_of_matmul_peak"]:.1f} |'
+    )
   print(f'Wrote {path}')
 
 

@@ -1,7 +1,7 @@
 """Loading a trained run, and the `eval` / `score` modes of main.py.
 
-    params, config, calibration = skipganomaly_jax.load('runs/demo')
-    scores = skipganomaly_jax.score_fn(params, images)
+params, config, calibration = skipganomaly_jax.load('runs/demo')
+scores = skipganomaly_jax.score_fn(params, images)
 """
 
 import os
@@ -24,8 +24,9 @@ def _step(ckpt: checkpointing.Checkpointer, which) -> int:
     step = int(which)
   if step is None:
     raise checkpointing.CheckpointError(
-        f'no {which or "latest"} checkpoint in {ckpt.directory}: train first with '
-        f'`python main.py --config=... --workdir={os.path.dirname(ckpt.directory)}`.')
+      f'no {which or "latest"} checkpoint in {ckpt.directory}: train first with '
+      f'`python main.py --config=... --workdir={os.path.dirname(ckpt.directory)}`.'
+    )
   return step
 
 
@@ -37,8 +38,7 @@ def _local_target(abstract):
   another topology ("Topology mismatch"). Scoring wants the arrays on one local device.
   """
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                      abstract)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
 
 
 def load(workdir: str, which='latest'):
@@ -59,12 +59,14 @@ def load(workdir: str, which='latest'):
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     raise checkpointing.CheckpointError(
-        f'no checkpoints folder {directory}: is {workdir!r} the workdir of a trained run?')
+      f'no checkpoints folder {directory}: is {workdir!r} the workdir of a trained run?'
+    )
   with checkpointing.Checkpointer(directory) as ckpt:
     step = _step(ckpt, which)
     config = ml_collections.ConfigDict(ckpt.restore_meta(step)['config'])
-    target = _local_target(jax.eval_shape(lambda: ts.create_train_states(config,
-                                                                         jax.random.key(0))))
+    target = _local_target(
+      jax.eval_shape(lambda: ts.create_train_states(config, jax.random.key(0)))
+    )
     state, meta = ckpt.restore(step, {'g': target[0], 'd': target[1]})
   calibration = meta.get('calibration')
   calibration = calibration and metrics.Calibration.from_dict(calibration)
@@ -77,7 +79,8 @@ def evaluate_checkpoint(workdir: str, which='latest') -> dict:
   splits = input_pipeline.load_splits(config)
   if calibration is None:
     calibration = metrics.Calibration.fit(
-        np.asarray(score_details(params, splits.val)['score']), config.threshold_percentile)
+      np.asarray(score_details(params, splits.val)['score']), config.threshold_percentile
+    )
   scores = np.asarray(score_details(params, splits.test)['score'])
   report = metrics.evaluate(splits.test_labels, scores, calibration)
   report['checkpoint'] = which
@@ -97,13 +100,15 @@ def score_path(workdir: str, images_path: str, write_maps: bool = False, which='
   params, config, calibration = load(workdir, which)
   if calibration is None:
     raise checkpointing.CheckpointError(
-        f'the checkpoint in {workdir} has no calibration (preempted before its first '
-        'evaluation): train at least one epoch.')
+      f'the checkpoint in {workdir} has no calibration (preempted before its first '
+      'evaluation): train at least one epoch.'
+    )
   images, paths = input_pipeline.load_images(images_path, config.isize, config.nc)
   details = score_details(params, images, return_maps=write_maps)
   csv_path = os.path.join(workdir, 'scores.csv')
   outputs.write_scores_csv(csv_path, paths, np.asarray(details['score']), calibration)
   if write_maps:
-    outputs.write_anomaly_maps(os.path.join(workdir, 'anomaly_maps'), paths,
-                               np.asarray(details['anomaly_map']))
+    outputs.write_anomaly_maps(
+      os.path.join(workdir, 'anomaly_maps'), paths, np.asarray(details['anomaly_map'])
+    )
   return csv_path

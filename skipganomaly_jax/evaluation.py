@@ -35,22 +35,30 @@ class DatasetScorer:
     dtype: compute dtype.
   """
 
-  def __init__(self, spec: ModelSpec, mesh: Mesh, global_batch_size: int, lam: float,
-               dtype=jnp.float32):
+  def __init__(
+    self, spec: ModelSpec, mesh: Mesh, global_batch_size: int, lam: float, dtype=jnp.float32
+  ):
     if global_batch_size % mesh.size:
-      raise ValueError(f'eval_batch_size {global_batch_size} must be a multiple of the '
-                       f'device count {mesh.size}.')
+      raise ValueError(
+        f'eval_batch_size {global_batch_size} must be a multiple of the device count {mesh.size}.'
+      )
     self.mesh, self.global_batch_size = mesh, global_batch_size
     per_device = functools.partial(score_terms, lam=lam, spec=spec, dtype=dtype)
-    self._step = jax.jit(jax.shard_map(
-        lambda v, x: per_device(v, x)['score'], mesh=mesh, in_specs=(P(), P(AXIS)),
-        out_specs=P(AXIS)))
+    self._step = jax.jit(
+      jax.shard_map(
+        lambda v, x: per_device(v, x)['score'],
+        mesh=mesh,
+        in_specs=(P(), P(AXIS)),
+        out_specs=P(AXIS),
+      )
+    )
 
   def __call__(self, variables, images: np.ndarray) -> np.ndarray:
     """Scores of all `images` (uint8 or float [-1, 1]), in order, on every process."""
     n = len(images)
     batches = input_pipeline.eval_batches(
-        images, None, self.global_batch_size, jax.process_index(), jax.process_count())
+      images, None, self.global_batch_size, jax.process_index(), jax.process_count()
+    )
     out = []
     for batch in batches:
       scores = self._step(variables, shard_batch(batch.images, self.mesh))
@@ -63,8 +71,9 @@ def _reference_batch(variables, images, spec, lam):
   return score_terms(variables, images, lam, spec, train=True)['score']
 
 
-def reference_protocol_scores(variables, images: np.ndarray, spec: ModelSpec,
-                              lam: float) -> np.ndarray:
+def reference_protocol_scores(
+  variables, images: np.ndarray, spec: ModelSpec, lam: float
+) -> np.ndarray:
   """The reference's test scores: train-mode BatchNorm, in-order batches of 64.
 
   Each batch is normalised with its own statistics (so a score depends on its batch
@@ -73,7 +82,6 @@ def reference_protocol_scores(variables, images: np.ndarray, spec: ModelSpec,
   """
   out = []
   for start in range(0, len(images), REFERENCE_BATCH):
-    chunk = input_pipeline.to_float(images[start:start + REFERENCE_BATCH])
+    chunk = input_pipeline.to_float(images[start : start + REFERENCE_BATCH])
     out.append(np.asarray(_reference_batch(variables, jnp.asarray(chunk), spec, lam)))
   return np.concatenate(out)
-

@@ -12,14 +12,21 @@ from skipganomaly_jax import metrics, plots
 from skipganomaly_jax.scoring import score_details
 
 PROTOCOL_NOTE = (
-    'ours: BatchNorm in eval mode (running statistics), model of the last epoch, '
-    'threshold and min-max calibration from held-out validation normals; no selection '
-    'on the test set. reference_protocol_auroc (if present) is the reference code\'s '
-    'evaluation: train-mode BatchNorm on normal-first test batches of 64.')
+  'ours: BatchNorm in eval mode (running statistics), model of the last epoch, '
+  'threshold and min-max calibration from held-out validation normals; no selection '
+  "on the test set. reference_protocol_auroc (if present) is the reference code's "
+  'evaluation: train-mode BatchNorm on normal-first test batches of 64.'
+)
 
 
-def write_all(workdir: str, splits, variables, test_scores: np.ndarray, history: list,
-              calibration: metrics.Calibration) -> dict:
+def write_all(
+  workdir: str,
+  splits,
+  variables,
+  test_scores: np.ndarray,
+  history: list,
+  calibration: metrics.Calibration,
+) -> dict:
   """Writes metrics.json, roc.png, score_histogram.png and reconstructions.png.
 
   Returns:
@@ -27,22 +34,38 @@ def write_all(workdir: str, splits, variables, test_scores: np.ndarray, history:
   """
   os.makedirs(workdir, exist_ok=True)
   labels = splits.test_labels
-  paths = {name: os.path.join(workdir, name) for name in
-           ('metrics.json', 'roc.png', 'score_histogram.png', 'reconstructions.png')}
+  paths = {
+    name: os.path.join(workdir, name)
+    for name in ('metrics.json', 'roc.png', 'score_histogram.png', 'reconstructions.png')
+  }
   final = history[-1]
   with open(paths['metrics.json'], 'w') as f:
-    json.dump({'final': final, 'history': history, 'calibration': calibration.to_dict(),
-               'abnormal_class': splits.abnormal_name, 'protocol': PROTOCOL_NOTE}, f, indent=2)
-  title = f"abnormal: {splits.abnormal_name}, AUROC {final['auroc']:.3f}"
+    json.dump(
+      {
+        'final': final,
+        'history': history,
+        'calibration': calibration.to_dict(),
+        'abnormal_class': splits.abnormal_name,
+        'protocol': PROTOCOL_NOTE,
+      },
+      f,
+      indent=2,
+    )
+  title = f'abnormal: {splits.abnormal_name}, AUROC {final["auroc"]:.3f}'
   plots.save_roc_curve(paths['roc.png'], labels, test_scores, title)
-  plots.save_score_histogram(paths['score_histogram.png'], labels, test_scores,
-                             calibration.threshold, title)
+  plots.save_score_histogram(
+    paths['score_histogram.png'], labels, test_scores, calibration.threshold, title
+  )
   pick = np.concatenate([np.flatnonzero(labels == 0)[:4], np.flatnonzero(labels == 1)[:4]])
   details = score_details(variables, splits.test[pick], return_maps=True)
   plots.save_reconstruction_grid(
-      paths['reconstructions.png'], splits.test[pick].astype(np.float32) / 127.5 - 1,
-      np.asarray(details['reconstruction']), np.asarray(details['anomaly_map']),
-      labels[pick], np.asarray(details['score']))
+    paths['reconstructions.png'],
+    splits.test[pick].astype(np.float32) / 127.5 - 1,
+    np.asarray(details['reconstruction']),
+    np.asarray(details['anomaly_map']),
+    labels[pick],
+    np.asarray(details['score']),
+  )
   return paths
 
 

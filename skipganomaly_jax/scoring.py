@@ -77,8 +77,15 @@ def check_images(images, spec: ModelSpec):
   return jnp.asarray(host, jnp.float32)
 
 
-def score_terms(params, images, lam, spec: ModelSpec, return_maps: bool = False,
-                train: bool = False, dtype=jnp.float32) -> dict:
+def score_terms(
+  params,
+  images,
+  lam,
+  spec: ModelSpec,
+  return_maps: bool = False,
+  train: bool = False,
+  dtype=jnp.float32,
+) -> dict:
   """Scores, rec/lat terms and (optionally) reconstructions and maps of one batch.
 
   Args:
@@ -94,6 +101,7 @@ def score_terms(params, images, lam, spec: ModelSpec, return_maps: bool = False,
   Returns:
     dict with 'score', 'rec', 'lat' (N,), and the maps on request.
   """
+
   def apply(model, variables, x):
     if not train:
       return model.apply(variables, x, train=False)

@@ -75,32 +75,42 @@ def setup(config, workdir: str) -> Run:
   dtype = ts.compute_dtype(config)
   mesh = ts.make_mesh()
   if config.batch_size % mesh.size:
-    raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the '
-                     f'number of devices ({mesh.size}).')
+    raise ValueError(
+      f'config.batch_size={config.batch_size} must be a multiple of the '
+      f'number of devices ({mesh.size}).'
+    )
   splits = input_pipeline.load_splits(config)
   if len(splits.val) == 0:
-    raise ValueError('No validation images: set config.dataset.val_fraction > 0; the '
-                     'calibration (threshold) is fitted on them, never on the test set.')
-  train_iter = input_pipeline.TrainIterator(splits.train, config.batch_size, config.seed,
-                                            jax.process_index(), jax.process_count())
+    raise ValueError(
+      'No validation images: set config.dataset.val_fraction > 0; the '
+      'calibration (threshold) is fitted on them, never on the test set.'
+    )
+  train_iter = input_pipeline.TrainIterator(
+    splits.train, config.batch_size, config.seed, jax.process_index(), jax.process_count()
+  )
   steps = train_iter.steps_per_epoch
   if config.max_steps_per_epoch:
     steps = min(steps, config.max_steps_per_epoch)
   return Run(
-      config=config, workdir=workdir, mesh=mesh, spec=spec, splits=splits,
-      train_iter=train_iter, steps_per_epoch=steps,
-      step_fn=ts.make_parallel_train_step(config, mesh),
-      scorer=evaluation.DatasetScorer(spec, mesh, config.eval_batch_size,
-                                      config.score_lambda, dtype),
-      checkpointer=checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                              keep_latest=config.keep_checkpoints),
-      writer=MetricWriter(workdir, enabled=jax.process_index() == 0))
+    config=config,
+    workdir=workdir,
+    mesh=mesh,
+    spec=spec,
+    splits=splits,
+    train_iter=train_iter,
+    steps_per_epoch=steps,
+    step_fn=ts.make_parallel_train_step(config, mesh),
+    scorer=evaluation.DatasetScorer(spec, mesh, config.eval_batch_size, config.score_lambda, dtype),
+    checkpointer=checkpointing.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep_latest=config.keep_checkpoints
+    ),
+    writer=MetricWriter(workdir, enabled=jax.process_index() == 0),
+  )
 
 
 def restore_or_init(run: Run):
   """The latest checkpoint's states and meta, or fresh states and empty meta."""
-  init = ts.replicate(ts.create_train_states(run.config, jax.random.key(run.config.seed)),
-                      run.mesh)
+  init = ts.replicate(ts.create_train_states(run.config, jax.random.key(run.config.seed)), run.mesh)
   if run.checkpointer.latest_step() is None:
     return init, {}
   state, meta = run.checkpointer.restore(None, {'g': init[0], 'd': init[1]})
@@ -123,14 +133,18 @@ def check_and_log(run: Run, pending: list, pbar, tick: float) -> None:
     bad = {k: float(v) for k, v in m.items() if not np.isfinite(v)}
     if bad:
       raise DivergenceError(
-          f'Training diverged at step {step}: non-finite {bad}. The last checkpoint in '
-          f'{run.checkpointer.directory} is intact; try a lower --config.optim.lr.')
+        f'Training diverged at step {step}: non-finite {bad}. The last checkpoint in '
+        f'{run.checkpointer.directory} is intact; try a lower --config.optim.lr.'
+      )
   means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
   means['images_per_second'] = len(pending) * run.config.batch_size / max(seconds, 1e-9)
   run.writer.write_scalars(steps[-1], means, prefix='train/')
   if pbar is not None:
-    pbar.set_postfix(g=f"{means['g_loss']:.3f}", d=f"{means['d_loss']:.3f}",
-                     img_s=f"{means['images_per_second']:.0f}")
+    pbar.set_postfix(
+      g=f'{means["g_loss"]:.3f}',
+      d=f'{means["d_loss"]:.3f}',
+      img_s=f'{means["images_per_second"]:.0f}',
+    )
 
 
 def train_epoch(run: Run, g, d, step: int, stop: PreemptionFlag):
@@ -139,9 +153,13 @@ def train_epoch(run: Run, g, d, step: int, stop: PreemptionFlag):
   position = run.train_iter.get_state()
   pbar = None
   if jax.process_index() == 0:
-    pbar = tqdm.tqdm(total=run.steps_per_epoch, initial=position['step_in_epoch'],
-                     desc=f"epoch {position['epoch'] + 1}/{run.config.num_epochs}",
-                     leave=False, dynamic_ncols=True)
+    pbar = tqdm.tqdm(
+      total=run.steps_per_epoch,
+      initial=position['step_in_epoch'],
+      desc=f'epoch {position["epoch"] + 1}/{run.config.num_epochs}',
+      leave=False,
+      dynamic_ncols=True,
+    )
   pending, tick = [], time.perf_counter()
   for i in range(position['step_in_epoch'], run.steps_per_epoch):
     batch = ts.shard_batch(next(run.train_iter), run.mesh)
@@ -176,24 +194,27 @@ def evaluate_epoch(run: Run, g, d, epoch: int, step: int):
   report.update(epoch=epoch, step=step, val_score=float(np.mean(val_scores)))
   if run.config.protocol == 'reference':
     # On one local device in each process: host copies of the global arrays.
-    ref = evaluation.reference_protocol_scores(jax.device_get(variables), run.splits.test,
-                                               run.spec, run.config.score_lambda)
+    ref = evaluation.reference_protocol_scores(
+      jax.device_get(variables), run.splits.test, run.spec, run.config.score_lambda
+    )
     report['reference_protocol_auroc'] = metrics.auroc(run.splits.test_labels, ref)
-  run.writer.write_scalars(step, {k: v for k, v in report.items()
-                                  if isinstance(v, int | float)}, prefix='eval/')
+  run.writer.write_scalars(
+    step, {k: v for k, v in report.items() if isinstance(v, int | float)}, prefix='eval/'
+  )
   return report, calibration, test_scores
 
 
 def save(run: Run, g, d, step: int, history: list, calibration, val_score=None) -> None:
   """Starts an asynchronous checkpoint of the states, data position and calibration."""
   meta = {
-      'config': json.loads(run.config.to_json()),
-      'calibration': calibration.to_dict() if calibration else None,
-      'data_iterator': run.train_iter.get_state(),
-      'history': history,
+    'config': json.loads(run.config.to_json()),
+    'calibration': calibration.to_dict() if calibration else None,
+    'data_iterator': run.train_iter.get_state(),
+    'history': history,
   }
-  run.checkpointer.save(step, {'g': g, 'd': d}, meta,
-                        None if val_score is None else {'val_score': val_score})
+  run.checkpointer.save(
+    step, {'g': g, 'd': d}, meta, None if val_score is None else {'val_score': val_score}
+  )
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -228,8 +249,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if history and jax.process_index() == 0:
       # Host copies: a jit over the global (all-process) arrays would have to run in
       # every process, but only process 0 plots.
-      outputs.write_all(workdir, run.splits, jax.device_get(scoring_variables(g, d)),
-                        test_scores, history, calibration)
+      outputs.write_all(
+        workdir,
+        run.splits,
+        jax.device_get(scoring_variables(g, d)),
+        test_scores,
+        history,
+        calibration,
+      )
   finally:
     stop.restore()
     run.checkpointer.close()

@@ -54,9 +54,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.adam(config.optim.lr, b1=config.optim.b1, b2=config.optim.b2)
 
 
-def create_train_states(config, rng: jax.Array,
-                        tx: optax.GradientTransformation | None = None
-                        ) -> tuple[TrainState, TrainState]:
+def create_train_states(
+  config, rng: jax.Array, tx: optax.GradientTransformation | None = None
+) -> tuple[TrainState, TrainState]:
   """Initial generator and discriminator states (params ~ SPEC's init, Adam state).
 
   Args:

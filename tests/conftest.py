@@ -12,14 +12,15 @@ import pathlib
 import tempfile
 
 FAST_COMPILE = '--xla_backend_optimization_level=0'
-os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE}'.strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS: read when the backend starts)
 import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE_DIR = os.environ.setdefault(
-    'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'skipganomaly_jax_cache'))
+  'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'skipganomaly_jax_cache')
+)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 jax.config.update('jax_compilation_cache_dir', CACHE_DIR)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)

@@ -18,8 +18,10 @@ from skipganomaly_jax import train_step as ts
 def relative_error(a, b) -> float:
   """||a - b|| / ||b|| over all leaves of two pytrees."""
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  num = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
-            for x, y in zip(la, lb, strict=True))
+  num = sum(
+    float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+    for x, y in zip(la, lb, strict=True)
+  )
   den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in lb)
   if den == 0.0:  # e.g. SGD's empty optimizer state
     return 0.0 if num == 0.0 else float('inf')
@@ -29,13 +31,13 @@ def relative_error(a, b) -> float:
 def compare(one, many, init) -> dict:
   (g1, d1), (gn, dn) = one, many
   return {
-      'g_params': relative_error(gn.params, g1.params),
-      'g_batch_stats': relative_error(gn.batch_stats, g1.batch_stats),
-      'd_params': relative_error(dn.params, d1.params),
-      'd_batch_stats': relative_error(dn.batch_stats, d1.batch_stats),
-      'g_opt_state': relative_error(gn.opt_state, g1.opt_state),
-      'd_opt_state': relative_error(dn.opt_state, d1.opt_state),
-      'param_change': relative_error(g1.params, init[0].params),
+    'g_params': relative_error(gn.params, g1.params),
+    'g_batch_stats': relative_error(gn.batch_stats, g1.batch_stats),
+    'd_params': relative_error(dn.params, d1.params),
+    'd_batch_stats': relative_error(dn.batch_stats, d1.batch_stats),
+    'g_opt_state': relative_error(gn.opt_state, g1.opt_state),
+    'd_opt_state': relative_error(dn.opt_state, d1.opt_state),
+    'param_change': relative_error(g1.params, init[0].params),
   }
 
 
@@ -65,8 +67,7 @@ def main(global_batch: int, seed: int) -> None:
   config.model.ngf, config.model.ndf, config.model.nz = 8, 8, 16
   config.nc = 3
   rng = np.random.default_rng(seed)
-  batches = [rng.uniform(-1, 1, (global_batch, 32, 32, 3)).astype(np.float32)
-             for _ in range(3)]
+  batches = [rng.uniform(-1, 1, (global_batch, 32, 32, 3)).astype(np.float32) for _ in range(3)]
   report = {'num_devices': jax.device_count()}
   for name, tx in (('sgd', optax.sgd(0.05)), ('adam', ts.make_optimizer(config))):
     for step, errors in run(config, tx, batches, seed).items():

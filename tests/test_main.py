@@ -19,18 +19,26 @@ from skipganomaly_jax import api, checkpointing, input_pipeline, metrics, score_
 
 EPOCHS, STEPS = 4, 3
 TRAIN_FLAGS = [f'--config.{k}={v}' for k, v in TINY.items()] + [
-    f'--config.num_epochs={EPOCHS}', f'--config.max_steps_per_epoch={STEPS}',
-    '--config.eval_batch_size=512']
+  f'--config.num_epochs={EPOCHS}',
+  f'--config.max_steps_per_epoch={STEPS}',
+  '--config.eval_batch_size=512',
+]
 
 
 def main_cmd(workdir, *flags, config='configs/demo.py'):
-  return [sys.executable, str(ROOT / 'main.py'), f'--config={config}',
-          f'--workdir={workdir}', *flags]
+  return [
+    sys.executable,
+    str(ROOT / 'main.py'),
+    f'--config={config}',
+    f'--workdir={workdir}',
+    *flags,
+  ]
 
 
 def run_main(workdir, *flags, **kwargs):
-  proc = subprocess.run(main_cmd(workdir, *flags, **kwargs), cwd=ROOT, capture_output=True,
-                        text=True, timeout=900)
+  proc = subprocess.run(
+    main_cmd(workdir, *flags, **kwargs), cwd=ROOT, capture_output=True, text=True, timeout=900
+  )
   return proc
 
 
@@ -44,8 +52,13 @@ def trained(tmp_path_factory):
 
 
 def test_training_writes_checkpoints_metrics_and_plots(trained):
-  for name in ('metrics.json', 'metrics.jsonl', 'roc.png', 'score_histogram.png',
-               'reconstructions.png'):
+  for name in (
+    'metrics.json',
+    'metrics.jsonl',
+    'roc.png',
+    'score_histogram.png',
+    'reconstructions.png',
+  ):
     assert (trained / name).is_file(), name
   report = json.loads((trained / 'metrics.json').read_text())
   assert len(report['history']) == EPOCHS
@@ -82,8 +95,9 @@ def test_load_and_score_fn_reproduce_the_reported_auroc(trained):
 
 
 def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
-  proc = subprocess.Popen(main_cmd(tmp_path, *TRAIN_FLAGS), cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    main_cmd(tmp_path, *TRAIN_FLAGS), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   first = tmp_path / 'checkpoints' / str(STEPS)
   try:
     deadline = time.time() + 600
@@ -100,8 +114,7 @@ def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   expected, _, _ = api.load(str(trained))
   got, _, _ = api.load(str(tmp_path))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got,
-               expected)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, expected)
 
 
 def test_eval_mode_rebuilds_outputs(trained, tmp_path):

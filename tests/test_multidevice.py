@@ -13,12 +13,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run_check(*args) -> dict:
-  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-  env = dict(os.environ, XLA_FLAGS=flags,
-             JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, str(ROOT / 'tests' / 'multidevice_check.py'),
-                         *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=8'
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / 'tests' / 'multidevice_check.py'), *map(str, args)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -25,11 +25,11 @@ def numpy_scores(params, images, lam=0.9):
   from skipganomaly_jax.models import ModelSpec  # noqa: PLC0415
 
   spec = ModelSpec.from_variables(params)
-  x_hat = np.asarray(spec.generator().apply(params['generator'], images, train=False),
-                     np.float64)
+  x_hat = np.asarray(spec.generator().apply(params['generator'], images, train=False), np.float64)
   _, f_real = spec.discriminator().apply(params['discriminator'], images, train=False)
-  _, f_fake = spec.discriminator().apply(params['discriminator'], x_hat.astype(np.float32),
-                                         train=False)
+  _, f_fake = spec.discriminator().apply(
+    params['discriminator'], x_hat.astype(np.float32), train=False
+  )
   x = np.asarray(images, np.float64)
   rec = ((x - x_hat) ** 2).mean(axis=(1, 2, 3))
   lat = ((np.asarray(f_real, np.float64) - np.asarray(f_fake, np.float64)) ** 2).mean(axis=1)
@@ -42,8 +42,9 @@ def test_scores_and_maps_match_numpy(params):
   expected_scores, expected_maps = numpy_scores(params, images)
   np.testing.assert_allclose(scores, expected_scores, rtol=1e-4)
   np.testing.assert_allclose(maps, expected_maps, atol=1e-5)
-  np.testing.assert_allclose(score_fn(params, images, lam=0.3),
-                             numpy_scores(params, images, lam=0.3)[0], rtol=1e-4)
+  np.testing.assert_allclose(
+    score_fn(params, images, lam=0.3), numpy_scores(params, images, lam=0.3)[0], rtol=1e-4
+  )
 
 
 def test_chunked_scores_equal_one_batch_and_any_batch_size(params):
@@ -56,21 +57,24 @@ def test_chunked_scores_equal_one_batch_and_any_batch_size(params):
 
 def test_uint8_is_scaled(params):
   raw = np.random.default_rng().integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
-  np.testing.assert_allclose(score_fn(params, raw),
-                             score_fn(params, raw.astype(np.float32) / 127.5 - 1), rtol=1e-5)
+  np.testing.assert_allclose(
+    score_fn(params, raw), score_fn(params, raw.astype(np.float32) / 127.5 - 1), rtol=1e-5
+  )
 
 
 def test_score_fn_is_jittable(params):
   images = np.random.default_rng().uniform(-1, 1, (2, 32, 32, 1)).astype(np.float32)
-  np.testing.assert_allclose(jax.jit(score_fn)(params, images), score_fn(params, images),
-                             rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(score_fn)(params, images), score_fn(params, images), rtol=1e-5)
 
 
-@pytest.mark.parametrize('shape,match', [
+@pytest.mark.parametrize(
+  'shape,match',
+  [
     ((32, 32, 1), 'rank 4'),
     ((2, 28, 28, 1), '32x32 pixels'),
     ((2, 32, 32, 3), '1 channel'),
-])
+  ],
+)
 def test_bad_shapes(params, shape, match):
   with pytest.raises(ValueError, match=match):
     score_fn(params, np.zeros(shape, np.float32))

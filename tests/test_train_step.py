@@ -34,8 +34,19 @@ def test_few_steps_reduce_generator_loss(tiny_config, batch):
   assert all(np.isfinite(losses))
   assert losses[-1] < losses[0] - 0.2, losses
   assert int(g.step) == 8 and int(d.step) == 8
-  expected = {'g_adv', 'g_con', 'g_lat', 'g_loss', 'd_real_loss', 'd_fake_loss', 'd_lat',
-              'd_loss', 'd_real', 'd_fake', 'd_reinit'}
+  expected = {
+    'g_adv',
+    'g_con',
+    'g_lat',
+    'g_loss',
+    'd_real_loss',
+    'd_fake_loss',
+    'd_lat',
+    'd_loss',
+    'd_real',
+    'd_fake',
+    'd_reinit',
+  }
   assert set(metrics) == expected
   assert all(jnp.shape(v) == () for v in metrics.values())
 
@@ -45,10 +56,11 @@ def test_metrics_are_the_weighted_terms(tiny_config, batch):
   _, _, m = jitted_step(tiny_config)(g, d, batch, jax.random.key(0))
   lc = tiny_config.loss
   np.testing.assert_allclose(
-      m['g_loss'], lc.w_adv * m['g_adv'] + lc.w_con * m['g_con'] + lc.w_lat * m['g_lat'],
-      rtol=1e-5)
+    m['g_loss'], lc.w_adv * m['g_adv'] + lc.w_con * m['g_con'] + lc.w_lat * m['g_lat'], rtol=1e-5
+  )
   np.testing.assert_allclose(
-      m['d_loss'], m['d_real_loss'] + m['d_fake_loss'] + lc.w_lat * m['d_lat'], rtol=1e-5)
+    m['d_loss'], m['d_real_loss'] + m['d_fake_loss'] + lc.w_lat * m['d_lat'], rtol=1e-5
+  )
   assert 0 < float(m['d_real']) < 1 and 0 < float(m['d_fake']) < 1
   np.testing.assert_allclose(m['g_lat'], m['d_lat'])
 
@@ -64,8 +76,7 @@ def test_reinit_guard_fires_only_below_threshold(tiny_config, batch):
   assert float(m_normal['d_reinit']) == 0.0 and float(m_forced['d_reinit']) == 1.0
   # Fired: D's weights are fresh draws from the init distributions...
   fresh = reinit_params(d0.params, key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), d_forced.params,
-               fresh)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), d_forced.params, fresh)
   # ...while running statistics, Adam state and the generator update are kept.
   # (Two separately compiled programs may sum in another order: allclose, not equal.)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
@@ -90,8 +101,11 @@ def test_bfloat16_compute_trains_with_float32_params(tiny_config, batch):
   config.dtype = 'bfloat16'
   g, d, _, losses = run_steps(config, batch, seed=4)
   assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.2, losses
-  dtypes = {leaf.dtype for leaf in jax.tree.leaves((g.params, d.params, g.opt_state))
-            if hasattr(leaf, 'dtype') and leaf.dtype != jnp.int32}
+  dtypes = {
+    leaf.dtype
+    for leaf in jax.tree.leaves((g.params, d.params, g.opt_state))
+    if hasattr(leaf, 'dtype') and leaf.dtype != jnp.int32
+  }
   assert dtypes == {jnp.dtype('float32')}
 
 

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, TINY, load_config, tiny
 from PIL import Image
 
+import skipganomaly_jax
 from skipganomaly_jax import api, checkpointing, input_pipeline, metrics, score_fn, train
 
 EPOCHS, STEPS = 4, 3
@@ -86,7 +87,7 @@ def test_tensorboard_events_are_readable(trained):
 def test_load_and_score_fn_reproduce_the_reported_auroc(trained):
   # score_fn and the training-time scorer batch differently; float32 noise can flip a
   # near-tie pair (1 of 450,000 moves AUROC by 2e-6), hence abs=1e-4.
-  params, config, calibration = api.load(str(trained))
+  params, config, calibration = skipganomaly_jax.load(str(trained))  # The public API.
   splits = input_pipeline.load_splits(config)
   scores = np.asarray(score_fn(params, splits.test))
   reported = json.loads((trained / 'metrics.json').read_text())['final']

@@ -68,6 +68,18 @@ def matmul_peak(dtype, n: int = 4096, iters: int = 10) -> float:
   return 2 * n**3 / seconds
 
 
+def rates(batch: int, compile_s: float, flops: float, seconds: float) -> dict:
+  """One table row: throughput and FLOP rates of a call on `batch` images."""
+  return {
+    'batch': batch,
+    'compile_s': compile_s,
+    'step_s': seconds,
+    'images_per_s': batch / seconds,
+    'flops_per_image': flops / batch,
+    'flops_per_s': flops / seconds,
+  }
+
+
 def bench_train(config, batch: int, iters: int, rng) -> dict:
   """Train-step images/s, compile time and FLOPs at one global batch size."""
   config.batch_size = batch
@@ -85,14 +97,7 @@ def bench_train(config, batch: int, iters: int, rng) -> dict:
     return m
 
   seconds = timed(call, lambda: (fresh(),), iters)
-  return {
-    'batch': batch,
-    'compile_s': compile_s,
-    'step_s': seconds,
-    'images_per_s': batch / seconds,
-    'flops_per_image': flops / batch,
-    'flops_per_s': flops / seconds,
-  }
+  return rates(batch, compile_s, flops, seconds)
 
 
 def bench_score(config, batch: int, iters: int, rng) -> dict:
@@ -106,14 +111,7 @@ def bench_score(config, batch: int, iters: int, rng) -> dict:
   fresh = lambda: (params, jnp.asarray(rng.uniform(-1, 1, shape).astype(np.float32)))
   compile_s, flops = compile_and_flops(fn, *fresh())
   seconds = timed(fn, fresh, iters)
-  return {
-    'batch': batch,
-    'compile_s': compile_s,
-    'step_s': seconds,
-    'images_per_s': batch / seconds,
-    'flops_per_image': flops / batch,
-    'flops_per_s': flops / seconds,
-  }
+  return rates(batch, compile_s, flops, seconds)
 
 
 def bench_input(batch: int) -> float:

@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.ngf = 64  # Generator width of the first level.
   config.model.ndf = 64  # Discriminator width of the first level.
   config.model.nz = 100  # Discriminator feature (latent) size.
+  # Outermost U-Net skip connections removed from G (0 = the paper's U-Net, all skips).
+  config.model.drop_outer_skips = 0
   config.dtype = 'float32'  # Compute dtype; 'bfloat16' for GPU/TPU (params stay float32).
 
   config.loss = ml_collections.ConfigDict()

@@ -38,6 +38,15 @@ def check_architecture(isize: int, nc: int) -> None:
     raise ValueError(f'nc (image channels) must be 1 or 3; got {nc!r}.')
 
 
+def check_drop_outer_skips(drop_outer_skips: int, levels: int) -> None:
+  """Raises ValueError unless 0 <= drop_outer_skips <= levels - 1 (the number of skips)."""
+  if not isinstance(drop_outer_skips, int) or not 0 <= drop_outer_skips <= levels - 1:
+    raise ValueError(
+      f'model.drop_outer_skips must be an integer in [0, {levels - 1}] (the U-Net has '
+      f'{levels - 1} skip connections at this isize); got {drop_outer_skips!r}.'
+    )
+
+
 def _batch_norm(train: bool, axis_name, dtype, name: str) -> nn.BatchNorm:
   return nn.BatchNorm(
     use_running_average=not train,
@@ -60,6 +69,9 @@ class Generator(nn.Module):
     axis_name: mapped axis over which BatchNorm averages batch statistics in training.
     dtype: compute dtype (parameters stay float32).
     conv_impl: how convs compute, 'auto' | 'lax' | 'fast' (see `layers`; same params).
+    drop_outer_skips: how many of the outermost skip connections to remove (0 = the
+      paper's U-Net). The outermost skip carries a 16x16x64 encoding of a 32x32 image,
+      enough for G to copy any input, anomalies included (benchmarks/results/quality.md).
   """
 
   isize: int = 32
@@ -68,11 +80,13 @@ class Generator(nn.Module):
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
   conv_impl: str = 'auto'
+  drop_outer_skips: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     check_architecture(self.isize, self.nc)
     levels = int(math.log2(self.isize))
+    check_drop_outer_skips(self.drop_outer_skips, levels)
     widths = [self.ngf * min(2**i, 8) for i in range(levels)]
     skips = []
     h = x.astype(self.dtype)
@@ -94,7 +108,8 @@ class Generator(nn.Module):
         widths[i - 1], dtype=self.dtype, impl=self.conv_impl, name=f'up_{i}'
       )(h)
       h = _batch_norm(train, self.axis_name, self.dtype, f'up_bn_{i}')(h)
-      h = jnp.concatenate([skips[i - 1], h], axis=-1)  # Skip first, as the reference.
+      if i - 1 >= self.drop_outer_skips:
+        h = jnp.concatenate([skips[i - 1], h], axis=-1)  # Skip first, as the reference.
 
 
 class Discriminator(nn.Module):
@@ -158,9 +173,11 @@ class ModelSpec:
   ndf: int = 64
   nz: int = 100
   conv_impl: str = 'auto'  # How convs compute, 'auto' | 'lax' | 'fast' (same params).
+  drop_outer_skips: int = 0  # Outermost U-Net skips removed (0 = the paper's G).
 
   def __post_init__(self):
     check_architecture(self.isize, self.nc)
+    check_drop_outer_skips(self.drop_outer_skips, int(math.log2(self.isize)))
 
   @classmethod
   def from_config(cls, config) -> 'ModelSpec':
@@ -170,6 +187,7 @@ class ModelSpec:
       ngf=config.model.ngf,
       ndf=config.model.ndf,
       nz=config.model.nz,
+      drop_outer_skips=config.model.get('drop_outer_skips', 0),
     )
 
   @classmethod
@@ -177,17 +195,29 @@ class ModelSpec:
     """Reads the spec back from the shapes of {'generator': ..., 'discriminator': ...}."""
     g, d = variables['generator']['params'], variables['discriminator']['params']
     levels = sum(1 for k in g if k.startswith('down_') and 'bn' not in k)
+    # A level without a skip feeds its transposed conv only the decoder's channels.
+    with_skip = [
+      g[f'up_{i}']['kernel'].shape[2] == 2 * g[f'down_{i}']['kernel'].shape[3]
+      for i in range(levels - 1)
+    ]
     return cls(
       isize=2**levels,
       nc=g['down_0']['kernel'].shape[2],
       ngf=g['down_0']['kernel'].shape[3],
       ndf=d['conv_0']['kernel'].shape[3],
       nz=d['features']['kernel'].shape[3],
+      drop_outer_skips=with_skip.index(True) if True in with_skip else levels - 1,
     )
 
   def generator(self, axis_name=None, dtype=jnp.float32) -> Generator:
     return Generator(
-      self.isize, self.nc, self.ngf, axis_name=axis_name, dtype=dtype, conv_impl=self.conv_impl
+      self.isize,
+      self.nc,
+      self.ngf,
+      axis_name=axis_name,
+      dtype=dtype,
+      conv_impl=self.conv_impl,
+      drop_outer_skips=self.drop_outer_skips,
     )
 
   def discriminator(self, axis_name=None, dtype=jnp.float32) -> Discriminator:

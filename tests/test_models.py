@@ -87,3 +87,20 @@ def test_bad_isize_rejected(isize):
 def test_bad_nc_rejected(nc):
   with pytest.raises(ValueError, match='must be 1 or 3'):
     ModelSpec(isize=32, nc=nc)
+
+
+@pytest.mark.parametrize('drop', [0, 1, 2, 4])
+def test_drop_outer_skips_removes_exactly_those_inputs(drop):
+  # Removing the skip at level i takes its widths[i] input channels away from the
+  # transposed conv up_i (4x4 kernel, out = widths[i-1], or nc at level 0).
+  widths, nc = [64, 128, 256, 512, 512], 1
+  removed = sum(16 * widths[i] * (widths[i - 1] if i else nc) for i in range(drop))
+  spec = ModelSpec(isize=32, nc=nc, drop_outer_skips=drop)
+  g, d = abstract_variables(spec)
+  assert count(g['params']) == 16_652_929 - removed
+  assert ModelSpec.from_variables({'generator': g, 'discriminator': d}) == spec
+
+
+def test_drop_outer_skips_out_of_range_rejected():
+  with pytest.raises(ValueError, match=r'drop_outer_skips must be an integer in \[0, 4\]'):
+    ModelSpec(isize=32, nc=1, drop_outer_skips=5)

@@ -3,9 +3,15 @@
 For every (abnormal class, seed) cell it trains with the given config (with
 `protocol='reference'`, which additionally scores the test set the reference's way after
 every epoch without touching our running statistics) and records:
-  - ours_last: AUROC / AP with eval-mode BatchNorm, model of the last epoch;
+  - ours_last: AUROC / AP of the run's score (config.score_kind: latent k-NN by
+    default, or the paper's) with eval-mode BatchNorm, model of the last epoch;
   - ours_val_selected: AUROC of the epoch with the lowest mean validation-normal score
     (selection on held-out normals only);
+  - paper_last / knn_last: AUROC of the paper's score and of the latent k-NN score of
+    the last epoch's model (whichever the run did not report is computed afterwards
+    from its final checkpoint, the bank from its training normals);
+  - pixel_knn: a baseline without any network, the same k-NN (cosine, k=5) on raw
+    pixels of the training normals;
   - reference_max: the reference's number, max over epochs of its test AUROC (BatchNorm
     in training mode, normal-first batches of 64; model selection on the test set);
   - reference_shuffled: the reference's evaluation (train-mode BatchNorm, batches of 64)
@@ -33,7 +39,14 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from skipganomaly_jax import api, evaluation, input_pipeline, metrics, train  # noqa: E402
+from skipganomaly_jax import (  # noqa: E402
+  api,
+  evaluation,
+  input_pipeline,
+  metrics,
+  scoring,
+  train,
+)
 from skipganomaly_jax.models import ModelSpec  # noqa: E402
 
 
@@ -65,6 +78,8 @@ def run_cell(config, workdir: pathlib.Path) -> dict:
   best_val = min(history, key=lambda r: r['val_score'])
   ref = [r['reference_protocol_auroc'] for r in history]
   return {
+    'score_kind': config.score_kind,
+    'curve_paper': [r['paper_score_auroc'] for r in history],
     'ours_last_auroc': history[-1]['auroc'],
     'ours_last_ap': history[-1]['average_precision'],
     'ours_val_selected_auroc': best_val['auroc'],
@@ -93,39 +108,70 @@ def shuffled_reference_auroc(workdir: pathlib.Path, seeds=(0, 1, 2)) -> float:
   return float(np.mean(aurocs))
 
 
+def fill_score_columns(cell: dict, workdir: pathlib.Path) -> None:
+  """Adds paper_last / knn_last / pixel_knn AUROCs that a cell lacks.
+
+  Cells from before the latent k-NN score (no 'score_kind') were trained and reported
+  with the paper score; training does not depend on the score, so the k-NN AUROC of
+  their final model is computed here from the checkpoint.
+  """
+  if 'score_kind' not in cell:
+    cell.update(score_kind='paper', curve_paper=cell['curve_ours'])
+  cell.setdefault('paper_last_auroc', cell['curve_paper'][-1])
+  if cell['score_kind'] == 'latent_knn':
+    cell.setdefault('knn_last_auroc', cell['ours_last_auroc'])
+  if 'knn_last_auroc' in cell and 'pixel_knn_auroc' in cell or not workdir.exists():
+    return
+  params, config, _ = api.load(str(workdir))
+  splits = input_pipeline.load_splits(config)
+  if 'knn_last_auroc' not in cell:
+    no_bank = {k: v for k, v in params.items() if k != 'knn_bank'}
+    bank = scoring.normalise_codes(scoring.score_details(no_bank, splits.train)['code'])
+    scores = scoring.score_details({**no_bank, 'knn_bank': bank}, splits.test)['score']
+    cell['knn_last_auroc'] = metrics.auroc(splits.test_labels, np.asarray(scores))
+  flat = lambda a: a.reshape(len(a), -1).astype(np.float32)  # noqa: E731
+  pixel = scoring.knn_distance(flat(splits.test), scoring.normalise_codes(flat(splits.train)))
+  cell['pixel_knn_auroc'] = metrics.auroc(splits.test_labels, np.asarray(pixel))
+
+
 def write_tables(cells: dict, out: pathlib.Path, header: str) -> None:
   """quality.json and a markdown table with means."""
   (out / 'quality.json').write_text(json.dumps({'setup': header, 'cells': cells}, indent=2))
   cols = (
-    'ours_last_auroc',
+    'knn_last_auroc',
+    'paper_last_auroc',
     'ours_last_ap',
     'ours_val_selected_auroc',
     'reference_max_auroc',
     'reference_shuffled_auroc',
+    'pixel_knn_auroc',
   )
   lines = [
     f'Setup: {header}',
     '',
-    '| abnormal | seed | ours AUROC (last) | ours AP (last) | ours AUROC (val-selected) '
-    '| reference protocol AUROC (max over epochs) | reference scoring, shuffled batches '
-    '(last epoch) | ref. best epoch | minutes |',
-    '|---|---|---|---|---|---|---|---|---|',
+    '| abnormal | seed | run score | ours, latent k-NN score: AUROC (last) | ours, paper '
+    'score: AUROC (last) | AP (last, run score) | AUROC (val-selected, run score) | '
+    'reference protocol AUROC (max over epochs) | reference scoring, shuffled batches '
+    '(last epoch) | baseline: pixel k-NN | ref. best epoch | minutes |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for key, c in sorted(cells.items()):
     cls, seed = key.split('/')
     lines.append(
-      f'| {cls} | {seed} | '
+      f'| {cls} | {seed} | {c["score_kind"]} | '
       + ' | '.join(f'{c.get(k, float("nan")):.3f}' for k in cols)
       + f' | {c["reference_best_epoch"]} | {c["seconds"] / 60:.1f} |'
     )
   if cells:
     means = [np.mean([c.get(k, np.nan) for c in cells.values()]) for k in cols]
-    lines.append('| **mean** | | ' + ' | '.join(f'**{m:.3f}**' for m in means) + ' | | |')
-  lines += ['', 'Per-epoch AUROC (ours, eval-mode BN / reference protocol):', '']
+    lines.append('| **mean** | | | ' + ' | '.join(f'**{m:.3f}**' for m in means) + ' | | |')
+  lines += ['', 'Per-epoch AUROC (eval-mode BN: run score, paper score; reference protocol):', '']
+  fmt = lambda v: ' '.join(f'{x:.3f}' for x in v)  # noqa: E731
   for key, c in sorted(cells.items()):
-    ours = ' '.join(f'{v:.3f}' for v in c['curve_ours'])
-    ref = ' '.join(f'{v:.3f}' for v in c['curve_reference'])
-    lines.append(f'- {key}: ours [{ours}]; reference [{ref}]')
+    lines.append(
+      f'- {key}: {c["score_kind"]} [{fmt(c["curve_ours"])}]; paper [{fmt(c["curve_paper"])}]; '
+      f'reference [{fmt(c["curve_reference"])}]'
+    )
   (out / 'quality.md').write_text('\n'.join(lines) + '\n')
 
 
@@ -159,6 +205,7 @@ def main() -> None:
       if key in cells:
         if 'reference_shuffled_auroc' not in cells[key] and workdir.exists():
           cells[key]['reference_shuffled_auroc'] = shuffled_reference_auroc(workdir)
+        fill_score_columns(cells[key], workdir)
         print(f'{key}: done, skipped')
         continue
       if args.summarise_only:
@@ -166,6 +213,7 @@ def main() -> None:
       config = build_config(args.config, args.set, cls, seed)
       cells[key] = run_cell(config, workdir)
       cells[key]['reference_shuffled_auroc'] = shuffled_reference_auroc(workdir)
+      fill_score_columns(cells[key], workdir)
       write_tables(cells, out, header)
       print(key, {k: v for k, v in cells[key].items() if not k.startswith('curve')})
   write_tables(cells, out, header)

@@ -49,7 +49,8 @@ def load(workdir: str, which='latest'):
     which: 'latest', 'best' (lowest mean validation-normal score) or a step number.
 
   Returns:
-    (params, config, calibration): the `score_fn` variables of both networks, the run's
+    (params, config, calibration): the `score_fn` variables of both networks (with the
+    'knn_bank' of training codes when the run used the latent k-NN score), the run's
     ConfigDict, and its `metrics.Calibration` (None if the run was preempted before its
     first evaluation).
 
@@ -63,14 +64,17 @@ def load(workdir: str, which='latest'):
     )
   with checkpointing.Checkpointer(directory) as ckpt:
     step = _step(ckpt, which)
-    config = ml_collections.ConfigDict(ckpt.restore_meta(step)['config'])
-    target = _local_target(
-      jax.eval_shape(lambda: ts.create_train_states(config, jax.random.key(0)))
-    )
-    state, meta = ckpt.restore(step, {'g': target[0], 'd': target[1]})
+    stored = ckpt.restore_meta(step)
+    config = ml_collections.ConfigDict(stored['config'])
+    g, d = jax.eval_shape(lambda: ts.create_train_states(config, jax.random.key(0)))
+    target = {'g': g, 'd': d}
+    if stored.get('knn_bank_shape'):  # Runs scored with the latent k-NN score.
+      target['knn_bank'] = jax.ShapeDtypeStruct(tuple(stored['knn_bank_shape']), np.float32)
+    state, meta = ckpt.restore(step, _local_target(target))
   calibration = meta.get('calibration')
   calibration = calibration and metrics.Calibration.from_dict(calibration)
-  return scoring_variables(state['g'], state['d']), config, calibration
+  variables = scoring_variables(state['g'], state['d'], state.get('knn_bank'))
+  return variables, config, calibration
 
 
 def evaluate_checkpoint(workdir: str, which='latest') -> dict:
@@ -81,8 +85,10 @@ def evaluate_checkpoint(workdir: str, which='latest') -> dict:
     calibration = metrics.Calibration.fit(
       np.asarray(score_details(params, splits.val)['score']), config.threshold_percentile
     )
-  scores = np.asarray(score_details(params, splits.test)['score'])
+  test = score_details(params, splits.test)
+  scores = np.asarray(test['score'])
   report = metrics.evaluate(splits.test_labels, scores, calibration)
+  report['paper_score_auroc'] = metrics.auroc(splits.test_labels, np.asarray(test['paper_score']))
   report['checkpoint'] = which
   outputs.write_all(workdir, splits, params, scores, [report], calibration)
   return report

@@ -31,7 +31,7 @@ class DatasetScorer:
     spec: the architecture.
     mesh: the 1-D data-parallel mesh.
     global_batch_size: images per evaluation batch over all devices (padded at the end).
-    lam: weight of the reconstruction term in the score.
+    lam: weight of the reconstruction term in the paper score.
     dtype: compute dtype.
   """
 
@@ -44,31 +44,47 @@ class DatasetScorer:
       )
     self.mesh, self.global_batch_size = mesh, global_batch_size
     per_device = functools.partial(score_terms, lam=lam, spec=spec, dtype=dtype)
-    self._step = jax.jit(
-      jax.shard_map(
-        lambda v, x: per_device(v, x)['score'],
-        mesh=mesh,
-        in_specs=(P(), P(AXIS)),
-        out_specs=P(AXIS),
+    self._steps = {
+      keys: jax.jit(
+        jax.shard_map(
+          lambda v, x, keys=keys: {k: per_device(v, x)[k] for k in keys},
+          mesh=mesh,
+          in_specs=(P(), P(AXIS)),
+          out_specs=P(AXIS),
+        )
       )
-    )
+      for keys in (('score', 'paper_score'), ('code',))
+    }
 
-  def __call__(self, variables, images: np.ndarray) -> np.ndarray:
-    """Scores of all `images` (uint8 or float [-1, 1]), in order, on every process."""
-    n = len(images)
+  def __call__(self, variables, images: np.ndarray, keys=('score', 'paper_score')) -> dict:
+    """Outputs `keys` of `scoring.score_terms` for all `images`, in order, on every process.
+
+    Args:
+      variables: the scoring variables (a 'knn_bank' makes 'score' the latent k-NN one).
+      images: uint8 or float [-1, 1] images.
+      keys: ('score', 'paper_score') or ('code',).
+
+    Returns:
+      dict of numpy arrays with len(images) rows.
+    """
+    n, step = len(images), self._steps[tuple(keys)]
     batches = input_pipeline.eval_batches(
       images, None, self.global_batch_size, jax.process_index(), jax.process_count()
     )
     out = []
     for batch in batches:
-      scores = self._step(variables, shard_batch(batch.images, self.mesh))
-      out.append(np.asarray(multihost_utils.process_allgather(scores, tiled=True)))
-    return np.concatenate(out)[:n] if out else np.zeros((0,), np.float32)
+      values = step(variables, shard_batch(batch.images, self.mesh))
+      out.append(
+        {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in values.items()}
+      )
+    if not out:
+      return {k: np.zeros((0,), np.float32) for k in keys}
+    return {k: np.concatenate([o[k] for o in out])[:n] for k in keys}
 
 
 @functools.partial(jax.jit, static_argnames=('spec', 'lam'))
 def _reference_batch(variables, images, spec, lam):
-  return score_terms(variables, images, lam, spec, train=True)['score']
+  return score_terms(variables, images, lam, spec, train=True)['paper_score']
 
 
 def reference_protocol_scores(

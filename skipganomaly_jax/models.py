@@ -83,7 +83,12 @@ class Generator(nn.Module):
   drop_outer_skips: int = 0
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, return_code: bool = False):
+    """Reconstructs `x`; with `return_code`, returns (reconstruction, code).
+
+    The code is the innermost encoder output, (N, 8 * ngf) (1x1 spatially): the
+    bottleneck that the latent k-NN score compares (scoring.py).
+    """
     check_architecture(self.isize, self.nc)
     levels = int(math.log2(self.isize))
     check_drop_outer_skips(self.drop_outer_skips, levels)
@@ -103,7 +108,11 @@ class Generator(nn.Module):
         h = layers.ConvTranspose(
           self.nc, use_bias=True, dtype=self.dtype, impl=self.conv_impl, name='up_0'
         )(h)
-        return jnp.tanh(h.astype(jnp.float32))
+        out = jnp.tanh(h.astype(jnp.float32))
+        if return_code:
+          code = skips[-1]
+          return out, code.reshape(code.shape[0], -1).astype(jnp.float32)
+        return out
       h = layers.ConvTranspose(
         widths[i - 1], dtype=self.dtype, impl=self.conv_impl, name=f'up_{i}'
       )(h)

@@ -24,7 +24,7 @@ from skipganomaly_jax import checkpointing, evaluation, input_pipeline, metrics,
 from skipganomaly_jax import train_step as ts
 from skipganomaly_jax.metric_writer import MetricWriter
 from skipganomaly_jax.models import ModelSpec
-from skipganomaly_jax.scoring import scoring_variables
+from skipganomaly_jax.scoring import SCORE_KINDS, normalise_codes, scoring_variables
 
 
 class DivergenceError(FloatingPointError):
@@ -74,6 +74,8 @@ def setup(config, workdir: str) -> Run:
   spec = ModelSpec.from_config(config)
   dtype = ts.compute_dtype(config)
   mesh = ts.make_mesh()
+  if config.score_kind not in SCORE_KINDS:
+    raise ValueError(f'config.score_kind must be one of {SCORE_KINDS}; got {config.score_kind!r}.')
   if config.batch_size % mesh.size:
     raise ValueError(
       f'config.batch_size={config.batch_size} must be a multiple of the '
@@ -109,14 +111,37 @@ def setup(config, workdir: str) -> Run:
 
 
 def restore_or_init(run: Run):
-  """The latest checkpoint's states and meta, or fresh states and empty meta."""
+  """The latest checkpoint's states, k-NN bank and meta; or fresh states, None, {}."""
   init = ts.replicate(ts.create_train_states(run.config, jax.random.key(run.config.seed)), run.mesh)
   if run.checkpointer.latest_step() is None:
-    return init, {}
-  state, meta = run.checkpointer.restore(None, {'g': init[0], 'd': init[1]})
+    return init, None, {}
+  target = {'g': init[0], 'd': init[1]}
+  bank_shape = run.checkpointer.restore_meta().get('knn_bank_shape')
+  if bank_shape:
+    target['knn_bank'] = ts.replicate(np.zeros(bank_shape, np.float32), run.mesh)
+  state, meta = run.checkpointer.restore(None, target)
   logging.info('Resumed from %s.', run.checkpointer.step_path(int(state['g'].step)))
   run.train_iter.set_state(meta['data_iterator'])
-  return (state['g'], state['d']), meta
+  return (state['g'], state['d']), state.get('knn_bank'), meta
+
+
+def build_knn_bank(run: Run, variables):
+  """Unit-norm bottleneck codes of (up to config.knn_bank_size) training normals.
+
+  Eval-mode BatchNorm, the model being evaluated; a seeded subset when the training set
+  is larger than the cap. Validation and test images are never in the bank.
+
+  Returns:
+    (M, code) float32, replicated on the mesh; None for the paper score.
+  """
+  if run.config.score_kind != 'latent_knn':
+    return None
+  train, cap = run.splits.train, run.config.knn_bank_size
+  if len(train) > cap:
+    pick = np.random.default_rng([run.config.seed, 2]).choice(len(train), cap, replace=False)
+    train = train[np.sort(pick)]
+  codes = run.scorer(variables, train, keys=('code',))['code']
+  return ts.replicate(np.asarray(normalise_codes(codes)), run.mesh)
 
 
 def check_and_log(run: Run, pending: list, pbar, tick: float) -> None:
@@ -181,17 +206,21 @@ def train_epoch(run: Run, g, d, step: int, stop: PreemptionFlag):
 
 
 def evaluate_epoch(run: Run, g, d, epoch: int, step: int):
-  """Calibrates on validation normals, evaluates on the test set, logs the report.
+  """Builds the k-NN bank, calibrates on validation normals, evaluates on the test set.
 
   Returns:
-    (report, calibration, test_scores).
+    (report, calibration, test_scores, knn_bank); the report's 'auroc' etc. are of
+    config.score_kind's score, 'paper_score_auroc' always of the paper's.
   """
-  variables = scoring_variables(g, d)
-  val_scores = run.scorer(variables, run.splits.val)
+  knn_bank = build_knn_bank(run, scoring_variables(g, d))
+  variables = scoring_variables(g, d, knn_bank)
+  val_scores = run.scorer(variables, run.splits.val)['score']
   calibration = metrics.Calibration.fit(val_scores, run.config.threshold_percentile)
-  test_scores = run.scorer(variables, run.splits.test)
+  test = run.scorer(variables, run.splits.test)
+  test_scores = test['score']
   report = metrics.evaluate(run.splits.test_labels, test_scores, calibration)
   report.update(epoch=epoch, step=step, val_score=float(np.mean(val_scores)))
+  report['paper_score_auroc'] = metrics.auroc(run.splits.test_labels, test['paper_score'])
   if run.config.protocol == 'reference':
     # On one local device in each process: host copies of the global arrays.
     ref = evaluation.reference_protocol_scores(
@@ -201,20 +230,24 @@ def evaluate_epoch(run: Run, g, d, epoch: int, step: int):
   run.writer.write_scalars(
     step, {k: v for k, v in report.items() if isinstance(v, int | float)}, prefix='eval/'
   )
-  return report, calibration, test_scores
+  return report, calibration, test_scores, knn_bank
 
 
-def save(run: Run, g, d, step: int, history: list, calibration, val_score=None) -> None:
-  """Starts an asynchronous checkpoint of the states, data position and calibration."""
+def save(run: Run, g, d, knn_bank, step: int, history, calibration, val_score=None) -> None:
+  """Starts an asynchronous checkpoint of the states, k-NN bank, data position, etc.
+
+  The bank and calibration are those of the last evaluation (a mid-epoch preemption
+  checkpoint keeps the previous epoch's, which resuming recomputes anyway).
+  """
   meta = {
     'config': json.loads(run.config.to_json()),
     'calibration': calibration.to_dict() if calibration else None,
     'data_iterator': run.train_iter.get_state(),
     'history': history,
+    'knn_bank_shape': None if knn_bank is None else list(knn_bank.shape),
   }
-  run.checkpointer.save(
-    step, {'g': g, 'd': d}, meta, None if val_score is None else {'val_score': val_score}
-  )
+  state = {'g': g, 'd': d} | ({} if knn_bank is None else {'knn_bank': knn_bank})
+  run.checkpointer.save(step, state, meta, None if val_score is None else {'val_score': val_score})
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -228,7 +261,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     The last epoch's evaluation report (empty if preempted before any evaluation).
   """
   run = setup(config, workdir)
-  (g, d), meta = restore_or_init(run)
+  (g, d), knn_bank, meta = restore_or_init(run)
   history, calibration = meta.get('history', []), meta.get('calibration')
   calibration = calibration and metrics.Calibration.from_dict(calibration)
   step, stop, test_scores = int(jax.device_get(g.step)), PreemptionFlag(), None
@@ -236,23 +269,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
     while run.train_iter.get_state()['epoch'] < config.num_epochs:
       g, d, step, finished = train_epoch(run, g, d, step, stop)
       if not finished:
-        save(run, g, d, step, history, calibration)
+        save(run, g, d, knn_bank, step, history, calibration)
         logging.warning('Preempted: saved step %d; rerun the same command to resume.', step)
         return history[-1] if history else {}
-      report, calibration, test_scores = evaluate_epoch(run, g, d, len(history) + 1, step)
+      report, calibration, test_scores, knn_bank = evaluate_epoch(run, g, d, len(history) + 1, step)
       history.append(report)
       logging.info('epoch %d: %s', report['epoch'], _summary(report))
-      save(run, g, d, step, history, calibration, report['val_score'])
+      save(run, g, d, knn_bank, step, history, calibration, report['val_score'])
     run.checkpointer.wait()
     if test_scores is None and history:  # Resumed after the last epoch: score again.
-      test_scores = run.scorer(scoring_variables(g, d), run.splits.test)
+      test_scores = run.scorer(scoring_variables(g, d, knn_bank), run.splits.test)['score']
     if history and jax.process_index() == 0:
       # Host copies: a jit over the global (all-process) arrays would have to run in
       # every process, but only process 0 plots.
       outputs.write_all(
         workdir,
         run.splits,
-        jax.device_get(scoring_variables(g, d)),
+        jax.device_get(scoring_variables(g, d, knn_bank)),
         test_scores,
         history,
         calibration,
@@ -265,5 +298,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _summary(report: dict) -> str:
-  keys = ('auroc', 'average_precision', 'f1', 'val_score', 'reference_protocol_auroc')
+  keys = (
+    'auroc',
+    'average_precision',
+    'f1',
+    'val_score',
+    'paper_score_auroc',
+    'reference_protocol_auroc',
+  )
   return ', '.join(f'{k}={report[k]:.4f}' for k in keys if k in report)

@@ -77,13 +77,14 @@ def restore_and_score(config, workdir: str) -> dict:
 
   run = train.setup(config, workdir)
   try:
-    (g, d), meta = train.restore_or_init(run)
-    variables = scoring_variables(g, d)
+    (g, d), knn_bank, meta = train.restore_or_init(run)
+    assert knn_bank is not None, 'the default latent k-NN score stores its bank'
+    variables = scoring_variables(g, d, knn_bank)
     out = {
       **flat_leaves('g', g),
       **flat_leaves('d', d),
-      'val_scores': run.scorer(variables, run.splits.val),
-      'test_scores': run.scorer(variables, run.splits.test),
+      'val_scores': run.scorer(variables, run.splits.val)['score'],
+      'test_scores': run.scorer(variables, run.splits.test)['score'],
       'step': np.asarray(jax.device_get(g.step)),
       'iterator_epoch': np.asarray(meta['data_iterator']['epoch']),
     }

@@ -93,6 +93,17 @@ def test_load_and_score_fn_reproduce_the_reported_auroc(trained):
   reported = json.loads((trained / 'metrics.json').read_text())['final']
   assert metrics.auroc(splits.test_labels, scores) == pytest.approx(reported['auroc'], abs=1e-4)
   assert calibration.threshold == pytest.approx(reported['threshold'])
+  # The default latent k-NN score: the stored bank is the unit-norm codes of exactly the
+  # training normals (not validation, not test), and the paper score is reported too.
+  assert config.score_kind == 'latent_knn'
+  no_bank = {k: v for k, v in params.items() if k != 'knn_bank'}
+  codes = np.asarray(skipganomaly_jax.score_details(no_bank, splits.train)['code'], np.float64)
+  codes /= np.linalg.norm(codes, axis=1, keepdims=True)
+  np.testing.assert_allclose(params['knn_bank'], codes, atol=1e-5)
+  paper = np.asarray(skipganomaly_jax.score_details(params, splits.test)['paper_score'])
+  assert metrics.auroc(splits.test_labels, paper) == pytest.approx(
+    reported['paper_score_auroc'], abs=1e-4
+  )
 
 
 def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):

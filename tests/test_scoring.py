@@ -6,7 +6,13 @@ import pytest
 
 from skipganomaly_jax import score_fn
 from skipganomaly_jax import train_step as ts
-from skipganomaly_jax.scoring import score_details, scoring_variables
+from skipganomaly_jax.models import ModelSpec
+from skipganomaly_jax.scoring import (
+  knn_distance,
+  normalise_codes,
+  score_details,
+  scoring_variables,
+)
 
 
 @pytest.fixture(scope='module')
@@ -22,8 +28,6 @@ def params():
 
 
 def numpy_scores(params, images, lam=0.9):
-  from skipganomaly_jax.models import ModelSpec  # noqa: PLC0415
-
   spec = ModelSpec.from_variables(params)
   x_hat = np.asarray(spec.generator().apply(params['generator'], images, train=False), np.float64)
   _, f_real = spec.discriminator().apply(params['discriminator'], images, train=False)
@@ -89,3 +93,50 @@ def test_non_finite_and_range(params):
     score_fn(params, np.full((1, 32, 32, 1), 255.0, np.float32))
   with pytest.raises(ValueError, match='uint8'):
     score_fn(params, np.zeros((1, 32, 32, 1), np.int32))
+
+
+def numpy_knn(codes, bank_codes, k=5):
+  """Brute-force cosine k-NN distance in float64."""
+  a = np.asarray(codes, np.float64)
+  b = np.asarray(bank_codes, np.float64)
+  a /= np.linalg.norm(a, axis=1, keepdims=True)
+  b /= np.linalg.norm(b, axis=1, keepdims=True)
+  sims = np.sort(a @ b.T, axis=1)[:, ::-1][:, :k]
+  return 1.0 - sims.mean(axis=1)
+
+
+def test_knn_distance_matches_numpy():
+  rng = np.random.default_rng()
+  codes, bank = rng.normal(size=(9, 16)), rng.normal(size=(40, 16))
+  got = knn_distance(codes.astype(np.float32), normalise_codes(bank.astype(np.float32)), k=5)
+  np.testing.assert_allclose(got, numpy_knn(codes, bank), atol=1e-5)
+
+
+def test_latent_knn_score_uses_the_bank(params):
+  rng = np.random.default_rng()
+  train = rng.uniform(-1, 1, (30, 32, 32, 1)).astype(np.float32)
+  images = rng.uniform(-1, 1, (7, 32, 32, 1)).astype(np.float32)
+  # The codes are G's innermost encoder output, read here through Flax's intermediates.
+  spec = ModelSpec.from_variables(params)
+  _, inter = spec.generator().apply(
+    params['generator'],
+    np.concatenate([train, images]),
+    train=False,
+    capture_intermediates=True,
+    mutable=['intermediates'],
+  )
+  innermost = f'down_{int(np.log2(spec.isize)) - 1}'
+  codes = np.asarray(inter['intermediates'][innermost]['__call__'][0]).reshape(37, -1)
+  with_bank = {**params, 'knn_bank': normalise_codes(codes[:30])}
+  details = score_details(with_bank, images)
+  np.testing.assert_allclose(details['score'], numpy_knn(codes[30:], codes[:30]), atol=1e-5)
+  # The paper score stays available, and without a bank it is the score.
+  np.testing.assert_allclose(details['paper_score'], numpy_scores(params, images)[0], rtol=1e-4)
+  np.testing.assert_allclose(score_fn(params, images), details['paper_score'], rtol=1e-5)
+
+
+def test_bad_knn_bank_is_rejected(params):
+  images = np.zeros((2, 32, 32, 1), np.float32)
+  for bank in (np.zeros((3, 32), np.float32), np.zeros((10, 7), np.float32)):
+    with pytest.raises(ValueError, match="knn_bank'\\] must be"):
+      score_fn({**params, 'knn_bank': bank}, images)

@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Scoring (skipganomaly_jax/scoring.py). 'latent_knn' (default): cosine distance of
   # G's bottleneck code to its 5 nearest training-normal codes; 'paper': Skip-GANomaly's
   # lam * rec + (1 - lam) * lat. Why the default differs from the paper: on real MNIST
-  # digits (10 abnormal digits, same trained models) mean AUROC 0.90 vs 0.60
+  # digits (10 abnormal digits, same trained models) mean AUROC 0.88 vs 0.61
   # (benchmarks/results/quality.md). Every evaluation reports both.
   config.score_kind = 'latent_knn'
   config.knn_bank_size = 20000  # Training codes kept (a seeded subset if more).

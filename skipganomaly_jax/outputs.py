@@ -18,6 +18,12 @@ PROTOCOL_NOTE = (
   'evaluation: train-mode BatchNorm on normal-first test batches of 64.'
 )
 
+SCORE_NOTE = (
+  "auroc, average_precision, f1, threshold: of score_kind's score ('latent_knn': cosine "
+  "distance of G's bottleneck code to its 5 nearest training-normal codes; 'paper': "
+  '0.9 * rec + 0.1 * lat). paper_score_auroc: always the paper score.'
+)
+
 
 def write_all(
   workdir: str,
@@ -47,6 +53,8 @@ def write_all(
         'calibration': calibration.to_dict(),
         'abnormal_class': splits.abnormal_name,
         'protocol': PROTOCOL_NOTE,
+        'score_kind': 'latent_knn' if 'knn_bank' in variables else 'paper',
+        'score': SCORE_NOTE,
       },
       f,
       indent=2,

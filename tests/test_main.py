@@ -186,3 +186,22 @@ def test_non_finite_loss_stops_loudly(tmp_path):
 def test_misspelled_config_key_is_an_error(tmp_path):
   proc = run_main(tmp_path, '--config.num_epoch=3')
   assert proc.returncode != 0 and 'num_epoch' in proc.stderr
+
+
+def test_paper_score_by_name_keeps_no_bank(tmp_path):
+  # In process (no subprocess): 1 epoch of 2 steps with the paper's score.
+  config = tiny(load_config('demo'))
+  config.score_kind = 'paper'
+  config.num_epochs, config.max_steps_per_epoch = 1, 2
+  report = train.train_and_evaluate(config, str(tmp_path))
+  assert report['auroc'] == report['paper_score_auroc']
+  params, _, _ = api.load(str(tmp_path))
+  assert 'knn_bank' not in params
+  assert json.loads((tmp_path / 'metrics.json').read_text())['score_kind'] == 'paper'
+
+
+def test_unknown_score_kind_is_an_error(tmp_path):
+  config = tiny(load_config('demo'))
+  config.score_kind = 'knn'
+  with pytest.raises(ValueError, match="score_kind must be one of \\('latent_knn', 'paper'\\)"):
+    train.train_and_evaluate(config, str(tmp_path))

@@ -76,8 +76,18 @@ def knn_distance(codes, bank, k: int = KNN_K):
   Returns:
     (N,) distances in [0, 2]; higher = farther from the training normals.
   """
-  similarities = normalise_codes(codes) @ bank.T
-  return 1.0 - jnp.mean(jax.lax.top_k(similarities, k)[0], axis=-1)
+  # 1 - cos(a, b) = |a - b|^2 / 2 for unit vectors. Computed naively (1 - a.b) in
+  # float32 it loses its digits when codes are nearly parallel (1 - cos ~ 1e-6 in
+  # barely trained models): so neighbours are ranked by |a - b|^2 expanded around the
+  # bank's mean (the cancellation is then relative to the spread of the codes, not to
+  # 1), and the distance comes from the differences themselves.
+  codes = normalise_codes(codes)
+  center = jnp.mean(bank, axis=0)
+  a, b = codes - center, bank - center
+  squared = jnp.sum(a * a, axis=1)[:, None] + jnp.sum(b * b, axis=1)[None, :] - 2.0 * a @ b.T
+  _, nearest = jax.lax.top_k(-squared, k)
+  differences = codes[:, None, :] - bank[nearest]
+  return 0.5 * jnp.mean(jnp.sum(jnp.square(differences), axis=-1), axis=-1)
 
 
 def check_images(images, spec: ModelSpec):

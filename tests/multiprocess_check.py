@@ -83,8 +83,11 @@ def restore_and_score(config, workdir: str) -> dict:
     out = {
       **flat_leaves('g', g),
       **flat_leaves('d', d),
-      'val_scores': run.scorer(variables, run.splits.val)['score'],
-      'test_scores': run.scorer(variables, run.splits.test)['score'],
+      **{
+        f'{name}_{key}s': value
+        for name, images in (('val', run.splits.val), ('test', run.splits.test))
+        for key, value in run.scorer(variables, images).items()
+      },
       'step': np.asarray(jax.device_get(g.step)),
       'iterator_epoch': np.asarray(meta['data_iterator']['epoch']),
     }

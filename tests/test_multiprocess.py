@@ -140,9 +140,13 @@ def test_every_process_holds_the_same_state_and_scores(runs):
 
 def test_eval_scores_equal_single_process(runs):
   single, multi = load(runs[0]), load(runs[1])
-  for name, n in (('val_scores', NUM_VAL), ('test_scores', NUM_TEST)):
-    assert n % 96 and multi[name].shape == (n,), name  # Padded last batch, unpadded result.
-    np.testing.assert_allclose(multi[name], single[name], rtol=1e-5, err_msg=name)
+  # The paper score to 1e-5. The latent k-NN distance to 1e-4: after 2 steps the codes
+  # are nearly parallel (distances ~5e-5, |a - b| ~1e-2 of |a|), so 1e-7 summation noise
+  # in a code is ~1e-5 of the distance (measured max 1.8e-5).
+  for split, n in (('val', NUM_VAL), ('test', NUM_TEST)):
+    for name, rtol in ((f'{split}_paper_scores', 1e-5), (f'{split}_scores', 1e-4)):
+      assert n % 96 and multi[name].shape == (n,), name  # Padded last batch, unpadded.
+      np.testing.assert_allclose(multi[name], single[name], rtol=rtol, err_msg=name)
 
 
 def test_metrics_json_equals_single_process(runs):

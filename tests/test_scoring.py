@@ -140,3 +140,14 @@ def test_bad_knn_bank_is_rejected(params):
   for bank in (np.zeros((3, 32), np.float32), np.zeros((10, 7), np.float32)):
     with pytest.raises(ValueError, match="knn_bank'\\] must be"):
       score_fn({**params, 'knn_bank': bank}, images)
+
+
+def test_knn_distance_is_precise_for_near_identical_codes():
+  # Codes within ~1e-3 of each other (1 - cos ~ 1e-6): computed as 1 - cos in float32
+  # it would be off by ~6%; the distance must keep float32's relative precision.
+  rng = np.random.default_rng()
+  base = rng.normal(size=(1, 64))
+  codes = base + 1e-3 * rng.normal(size=(6, 64))
+  bank = base + 1e-3 * rng.normal(size=(50, 64))
+  got = knn_distance(codes.astype(np.float32), normalise_codes(bank.astype(np.float32)), k=5)
+  np.testing.assert_allclose(got, numpy_knn(codes, bank), rtol=2e-3)

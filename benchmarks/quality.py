@@ -61,7 +61,13 @@ def build_config(config_path: str, overrides: list[str], abnormal: str, seed: in
     name = path[-1] if path else node
     for part in path[:-1]:
       target = target[part]
-    target[name] = type(target[name])(value)
+    current = target[name]
+    if isinstance(current, bool):  # bool('False') is True.
+      if value.lower() not in ('true', 'false'):
+        raise ValueError(f'--set {key}: expected true or false, got {value!r}')
+      target[name] = value.lower() == 'true'
+    else:
+      target[name] = type(current)(value)
   config.dataset.abnormal_class = abnormal
   config.dataset.seed = seed
   config.seed = seed

@@ -38,6 +38,7 @@ def compare(one, many, init) -> dict:
     'g_opt_state': relative_error(gn.opt_state, g1.opt_state),
     'd_opt_state': relative_error(dn.opt_state, d1.opt_state),
     'param_change': relative_error(g1.params, init[0].params),
+    'd_param_change': relative_error(d1.params, init[1].params),
   }
 
 

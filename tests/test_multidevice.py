@@ -34,15 +34,23 @@ def report():
 
 def test_eight_devices_equal_one(report):
   assert report['num_devices'] == 8
-  # SGD: the update is linear in the gradient, so 1 and 3 steps must agree to 1e-5.
+  # SGD step 1: the update is linear in the gradient, so it must agree to 1e-5.
   # Adam divides each gradient by its own magnitude, so float32 summation-order noise in
   # near-zero gradients becomes O(lr) steps: a looser bound for its params, at step 1
-  # only (after that the two runs see slightly different params, and the differences
-  # compound chaotically: seen 1.5e-4 at step 3 on one seed).
-  for key in ('sgd_step1', 'sgd_step3', 'adam_step1'):
+  # only (after that the differences compound chaotically: 1.5e-4 at step 3 on a seed).
+  for key in ('sgd_step1', 'adam_step1'):
     for name in ('g_params', 'g_batch_stats', 'd_params', 'd_batch_stats'):
       bound = 1e-4 if key.startswith('adam') and name.endswith('params') else 1e-5
       assert report[key][name] < bound, (key, name, report[key])
+  # SGD step 3 checks that state threads through steps. On most seeds it agrees to
+  # ~1e-8, but on some (seed 3 of 1-5) 1e-8 noise puts an activation on the other side
+  # of a ReLU kink and the runs part by 3.6e-4 of the params (7% of 3 steps' change):
+  # bound at 20% of the change; a skipped or doubled step would be >= 33%.
+  step3 = report['sgd_step3']
+  for name, change in (('g_params', 'param_change'), ('d_params', 'd_param_change')):
+    assert step3[name] < 0.2 * step3[change], (name, step3)
+  for name in ('g_batch_stats', 'd_batch_stats'):
+    assert step3[name] < 1e-3, (name, step3)
 
 
 def test_adam_moments_see_the_mean_gradient(report):

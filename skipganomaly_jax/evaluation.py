@@ -43,11 +43,15 @@ class DatasetScorer:
         f'eval_batch_size {global_batch_size} must be a multiple of the device count {mesh.size}.'
       )
     self.mesh, self.global_batch_size = mesh, global_batch_size
-    per_device = functools.partial(score_terms, lam=lam, spec=spec, dtype=dtype)
+
+    def per_device(variables, x, keys):
+      out = score_terms(variables, x, lam=lam, spec=spec, dtype=dtype)  # Traced once.
+      return {k: out[k] for k in keys}
+
     self._steps = {
       keys: jax.jit(
         jax.shard_map(
-          lambda v, x, keys=keys: {k: per_device(v, x)[k] for k in keys},
+          functools.partial(per_device, keys=keys),
           mesh=mesh,
           in_specs=(P(), P(AXIS)),
           out_specs=P(AXIS),

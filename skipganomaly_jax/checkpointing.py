@@ -14,7 +14,7 @@ validation score (lower is better) ranks checkpoints.
 
 Preservation: the latest `keep_latest` steps are always kept, *and* the `keep_best` steps
 with the lowest `val_score`. (A plain `best_fn` + `max_to_keep` can delete the latest
-checkpoint and break resuming; see STACK.md.) All Orbax options are built by
+checkpoint and break resuming; see docs/stack.md, Orbax.) All Orbax options are built by
 `_manager_options`, so a reopened directory gets exactly the same policy.
 
 Saving is asynchronous: `save` returns once the arrays are copied to host memory; `wait`

@@ -3,7 +3,7 @@
 All losses are means over the batch and elements, as in the reference. The reference
 applies `BCELoss` to a float32 sigmoid and clamps each log at -100; working from logits
 with log-sigmoid instead agrees everywhere except at saturation (|logit| > ~17), where
-ours stays finite and keeps a gradient (a documented deviation, see SPEC.md).
+ours stays finite and keeps a gradient (a deviation: docs/deviations.md).
 """
 
 import jax

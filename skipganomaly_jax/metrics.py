@@ -1,7 +1,7 @@
 """Anomaly-detection metrics and score calibration, in plain numpy.
 
 Labels are 0 (normal) / 1 (abnormal); scores are raw anomaly scores, higher = more
-anomalous (see SPEC.md, "Anomaly score"). The ranking metrics (`auroc`,
+anomalous (see docs/method.md, "Anomaly scores"). The ranking metrics (`auroc`,
 `average_precision`, `roc_curve`) follow scikit-learn's definitions exactly, ties
 included, without depending on scikit-learn at runtime.
 

@@ -1,6 +1,6 @@
 """Skip-GANomaly networks: a U-Net generator and a DCGAN discriminator (Flax linen).
 
-Layer-by-layer as in `shared/SPEC.md` (pix2pix U-Net for G, DCGAN for D), NHWC, inputs
+Layer-by-layer as in docs/method.md (pix2pix U-Net for G, DCGAN for D), NHWC, inputs
 in [-1, 1]. With ngf=ndf=64, nz=100, isize=32 the parameter counts equal the reference's
 exactly (G 16,659,075 / D 1,069,700 for nc=3).
 """

@@ -2,7 +2,7 @@
 
 Two scores, both with BatchNorm in eval mode (running averages), so each image's score
 is independent of the rest of the batch (the reference scores with batch statistics;
-see SPEC.md):
+see docs/deviations.md):
 
 - 'paper' (Skip-GANomaly's): score(x) = lam * rec(x) + (1 - lam) * lat(x), lam = 0.9,
   rec(x) = mean over pixels and channels of (x - G(x))^2, lat(x) = mean over D's nz

@@ -57,7 +57,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
 def create_train_states(
   config, rng: jax.Array, tx: optax.GradientTransformation | None = None
 ) -> tuple[TrainState, TrainState]:
-  """Initial generator and discriminator states (params ~ SPEC's init, Adam state).
+  """Initial generator and discriminator states (init of docs/method.md, Adam state).
 
   Args:
     config: the run's ConfigDict (isize, nc, model.*, optim.*).

@@ -1,4 +1,4 @@
-"""Evaluation protocols (SPEC.md, "Evaluation protocols") and the validation slice.
+"""Data protocols (docs/method.md, "Data protocols") and the validation slice.
 
 - 'one_class' (skip-ganomaly): train = the normal classes' train-split images; test = the
   normal test-split images, then ALL abnormal images (train split, then test split).

@@ -3,8 +3,10 @@
 import jax
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 
-from skipganomaly_jax import score_details, score_fn, score_maps, scoring
+import skipganomaly_jax
+from skipganomaly_jax import evaluation, score_details, score_fn, score_maps, scoring
 from skipganomaly_jax import train_step as ts
 from skipganomaly_jax.models import ModelSpec
 from skipganomaly_jax.scoring import _knn_distance, normalise_codes, scoring_variables
@@ -22,13 +24,13 @@ def params():
   return scoring_variables(g, d)
 
 
-def numpy_scores(params, images, lam=0.9):
+def numpy_scores(params, images, lam=0.9, train=False):
+  """(paper scores, maps) in float64 from the networks' outputs (BatchNorm as `train`)."""
   spec = ModelSpec.from_variables(params)
-  x_hat = np.asarray(spec.generator().apply(params['generator'], images, train=False), np.float64)
-  _, f_real = spec.discriminator().apply(params['discriminator'], images, train=False)
-  _, f_fake = spec.discriminator().apply(
-    params['discriminator'], x_hat.astype(np.float32), train=False
-  )
+  apply = lambda model, v, x: model.apply(v, x, train=train, mutable=['batch_stats'])[0]
+  x_hat = np.asarray(apply(spec.generator(), params['generator'], images), np.float64)
+  _, f_real = apply(spec.discriminator(), params['discriminator'], images)
+  _, f_fake = apply(spec.discriminator(), params['discriminator'], x_hat.astype(np.float32))
   x = np.asarray(images, np.float64)
   rec = ((x - x_hat) ** 2).mean(axis=(1, 2, 3))
   lat = ((np.asarray(f_real, np.float64) - np.asarray(f_fake, np.float64)) ** 2).mean(axis=1)
@@ -225,3 +227,28 @@ def test_batch_sizes_compile_a_bounded_number_of_programs(params, rng):
     got = score_details(params, images[:n], chunk=8)['score']
     np.testing.assert_allclose(got, whole[:n], rtol=1e-5)
   assert scoring._score_batch._cache_size() == 2
+
+
+def test_dataset_scorer_and_the_reference_protocol(params, rng):
+  spec = ModelSpec.from_variables(params)
+  mesh = Mesh(np.asarray(jax.devices()), (evaluation.AXIS,))
+  scorer = skipganomaly_jax.DatasetScorer(spec, mesh, 4 * mesh.size, 0.9)
+  images = rng.integers(0, 256, (6 * mesh.size, 32, 32, 1), dtype=np.uint8)  # Padded.
+  got = scorer(params, images)
+  want = score_details(params, images)
+  for key in ('score', 'paper_score'):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+  np.testing.assert_allclose(
+    scorer(params, images, keys=('code',))['code'], want['code'], atol=1e-6
+  )
+  empty = scorer(params, images[:0], keys=('code',))['code']
+  assert empty.shape == (0, 8 * spec.ngf)
+  # The reference's protocol: train-mode BatchNorm over in-order batches of 64 (+ the rest).
+  images = rng.integers(0, 256, (66, 32, 32, 1), dtype=np.uint8)
+  x = images.astype(np.float32) / 127.5 - 1.0
+  expected = np.concatenate(
+    [numpy_scores(params, x[:64], train=True)[0], numpy_scores(params, x[64:], train=True)[0]]
+  )
+  np.testing.assert_allclose(scorer.reference_protocol(params, images), expected, rtol=1e-4)
+  with pytest.raises(ValueError, match='NCHW'):
+    scorer(params, images.transpose(0, 3, 1, 2))

@@ -106,7 +106,7 @@ def plan_of(key) -> str:
   kind, h, c_in, c_out, k, s, p = key
   if (k, s, p) != (4, 2, 1):
     return 'matmul' if (h + 2 * p - k) // s == 0 else 'lax'
-  triple = (h, c_in, c_out) if kind == 'conv' else (2 * h, c_out, c_in)
+  triple = (h, c_in) if kind == 'conv' else (2 * h, c_out)
   return '/'.join(layers.plan(*triple, 'auto', backend='cpu'))
 
 
@@ -157,11 +157,11 @@ def bench_ops(keys, batch: int, iters: int, budget_s: float, rng) -> list[dict]:
       (normal(batch, h, h, c_in), normal(4, 4, c_in, c_out), normal(batch, h // 2, h // 2, c_out))
       for _ in range(_POOL)
     ]
-    row = {'conv': f'{c_in}->{c_out} @{h}', 'auto': layers.plan(h, c_in, c_out, 'auto', 'cpu')}
+    row = {'conv': f'{c_in}->{c_out} @{h}', 'auto': layers.plan(h, c_in, 'auto', 'cpu')}
     for op, methods, pick in (
-      ('C', layers.C_METHODS, lambda x, w, dy: (x, w)),
-      ('D', layers.D_METHODS, lambda x, w, dy: (dy, w)),
-      ('G', layers.G_METHODS, lambda x, w, dy: (x, dy)),
+      ('C', layers.CONV_METHODS, lambda x, w, dy: (x, w)),
+      ('D', layers.CONV_T_METHODS, lambda x, w, dy: (dy, w)),
+      ('G', layers.KERNEL_GRAD_METHODS, lambda x, w, dy: (x, dy)),
     ):
       pool = [pick(*p) for p in pools]
       row[op] = {m: median_ms(jax.jit(fn), pool, iters, budget_s) for m, fn in methods.items()}

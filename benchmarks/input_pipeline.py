@@ -129,7 +129,7 @@ def bench_iterators(args) -> list[dict]:
   it = ip.TrainIterator(images, 64, seed=0)
   steps = it.steps_per_epoch * 2
   train_s = _best(lambda: [next(it) for _ in range(steps)], args.repeats)
-  eval_s = _best(lambda: list(ip.eval_batches(images, None, 256)), args.repeats)
+  eval_s = _best(lambda: list(ip.eval_batches(images, 256)), args.repeats)
   return [
     {'source': 'TrainIterator (batch 64)', 'images': steps * 64, 'seconds': train_s},
     {'source': 'eval_batches (batch 256)', 'images': len(images), 'seconds': eval_s},

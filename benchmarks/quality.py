@@ -48,6 +48,7 @@ from skipganomaly_jax import (  # noqa: E402
   train,
 )
 from skipganomaly_jax.models import ModelSpec  # noqa: E402
+from skipganomaly_jax.train_step import make_mesh  # noqa: E402
 
 
 def build_config(config_path: str, overrides: list[str], abnormal: str, seed: int):
@@ -103,13 +104,12 @@ def shuffled_reference_auroc(workdir: pathlib.Path, seeds=(0, 1, 2)) -> float:
   params, config, _ = api.load(str(workdir))
   spec = ModelSpec.from_variables(params)
   splits = input_pipeline.load_splits(config)
+  scorer = evaluation.DatasetScorer(spec, make_mesh(), config.eval_batch_size, config.score_lambda)
   aurocs = []
   for seed in seeds:
     perm = np.random.default_rng(seed).permutation(len(splits.test))
     scores = np.empty(len(perm))
-    scores[perm] = evaluation.reference_protocol_scores(
-      params, splits.test[perm], spec, config.score_lambda
-    )
+    scores[perm] = scorer.reference_protocol(params, splits.test[perm])
     aurocs.append(metrics.auroc(splits.test_labels, scores))
   return float(np.mean(aurocs))
 
@@ -136,7 +136,7 @@ def fill_score_columns(cell: dict, workdir: pathlib.Path) -> None:
     scores = scoring.score_details({**no_bank, 'knn_bank': bank}, splits.test)['score']
     cell['knn_last_auroc'] = metrics.auroc(splits.test_labels, np.asarray(scores))
   flat = lambda a: a.reshape(len(a), -1).astype(np.float32)  # noqa: E731
-  pixel = scoring.knn_distance(flat(splits.test), scoring.normalise_codes(flat(splits.train)))
+  pixel = scoring._knn_distance(flat(splits.test), scoring.normalise_codes(flat(splits.train)))
   cell['pixel_knn_auroc'] = metrics.auroc(splits.test_labels, np.asarray(pixel))
 
 

@@ -106,7 +106,8 @@ def bench_score(config, batch: int, iters: int, rng) -> dict:
   g, d = ts.create_train_states(config, jax.random.key(0))
   params = scoring.scoring_variables(g, d)
   dtype = ts.compute_dtype(config)
-  fn = jax.jit(lambda p, x: scoring.score_terms(p, x, 0.9, spec, dtype=dtype)['score'])
+  lam = scoring.DEFAULT_LAMBDA
+  fn = jax.jit(lambda p, x: scoring._score_terms(p, x, lam, spec, dtype=dtype)['score'])
   shape = (batch, config.isize, config.isize, config.nc)
   fresh = lambda: (params, jnp.asarray(rng.uniform(-1, 1, shape).astype(np.float32)))
   compile_s, flops = compile_and_flops(fn, *fresh())

@@ -5,6 +5,8 @@ Other configs import this and override fields. Every field is commented here.
 
 import ml_collections
 
+from skipganomaly_jax.scoring import DEFAULT_LAMBDA
+
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the default configuration."""
@@ -67,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (benchmarks/results/quality.md). Every evaluation reports both.
   config.score_kind = 'latent_knn'
   config.knn_bank_size = 20000  # Training codes kept (a seeded subset if more).
-  config.score_lambda = 0.9  # lam of the paper score.
+  config.score_lambda = DEFAULT_LAMBDA  # lam of the paper score (0.9, as the paper).
   # Decision threshold = this percentile of the validation-normal scores.
   config.threshold_percentile = 95.0
   # Keep the latest N checkpoints (plus the best by validation score).

@@ -2,12 +2,15 @@
 
 Public API:
   load(workdir): (params, config, calibration) of a trained run (see api.py).
-  score_fn(params, images): anomaly scores (see scoring.py).
+  score_fn(params, images): anomaly scores; score_maps: scores and per-pixel maps;
+    score_details: both scores, their terms, codes and maps (see scoring.py).
+  DatasetScorer: scores whole datasets data-parallel on a device mesh (evaluation.py).
+  scoring_variables(g_state, d_state, knn_bank): `params` from training states.
   ModelSpec, Generator, Discriminator: the networks (models.py).
 """
 
 from skipganomaly_jax.models import Discriminator, Generator, ModelSpec
-from skipganomaly_jax.scoring import score_details, score_fn, scoring_variables
+from skipganomaly_jax.scoring import score_details, score_fn, score_maps, scoring_variables
 
 
 def load(workdir: str, which='latest'):
@@ -20,12 +23,23 @@ def load(workdir: str, which='latest'):
   return api.load(workdir, which)
 
 
+def __getattr__(name: str):
+  """`DatasetScorer`, imported on first use (it needs the mesh and sharding helpers)."""
+  if name == 'DatasetScorer':
+    from skipganomaly_jax.evaluation import DatasetScorer  # noqa: PLC0415
+
+    return DatasetScorer
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 __all__ = [
+  'DatasetScorer',
   'Discriminator',
   'Generator',
   'ModelSpec',
   'load',
   'score_details',
   'score_fn',
+  'score_maps',
   'scoring_variables',
 ]

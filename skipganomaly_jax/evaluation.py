@@ -1,10 +1,11 @@
-"""Evaluators: score a whole dataset on the mesh, and the reference's protocol.
+"""The dataset scorer: every image of a dataset on the mesh, and the reference's protocol.
 
 `DatasetScorer` scores every image exactly once across all devices and processes (eval-
 mode BatchNorm: each image's score is independent of its batch) and returns the scores
-in dataset order on every process. `reference_protocol_scores` reproduces the reference
+in dataset order on every process. Its `reference_protocol` reproduces the reference
 code's evaluation for side-by-side comparison only: BatchNorm in training mode on
-unshuffled, normal-first batches of 64, running statistics left untouched.
+unshuffled, normal-first batches of 64, running statistics left untouched. Both compute
+`scoring._score_terms`, the one definition of the scores.
 """
 
 import functools
@@ -16,9 +17,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from skipganomaly_jax import input_pipeline
+from skipganomaly_jax.data.batches import eval_batches
+from skipganomaly_jax.data.images import check_batch_shape, to_float
 from skipganomaly_jax.models import ModelSpec
-from skipganomaly_jax.scoring import score_terms
+from skipganomaly_jax.scoring import _score_terms
 from skipganomaly_jax.train_step import AXIS, shard_batch
 
 REFERENCE_BATCH = 64  # The reference's test batch size.
@@ -43,9 +45,10 @@ class DatasetScorer:
         f'eval_batch_size {global_batch_size} must be a multiple of the device count {mesh.size}.'
       )
     self.mesh, self.global_batch_size = mesh, global_batch_size
+    self.spec, self.lam, self.dtype = spec, lam, dtype
 
     def per_device(variables, x, keys):
-      out = score_terms(variables, x, lam=lam, spec=spec, dtype=dtype)  # Traced once.
+      out = _score_terms(variables, x, lam=lam, spec=spec, dtype=dtype)  # Traced once.
       return {k: out[k] for k in keys}
 
     self._steps = {
@@ -61,47 +64,52 @@ class DatasetScorer:
     }
 
   def __call__(self, variables, images: np.ndarray, keys=('score', 'paper_score')) -> dict:
-    """Outputs `keys` of `scoring.score_terms` for all `images`, in order, on every process.
+    """Outputs `keys` of the scores for all `images`, in order, on every process.
 
     Args:
       variables: the scoring variables (a 'knn_bank' makes 'score' the latent k-NN one).
-      images: uint8 or float [-1, 1] images.
+      images: (N, isize, isize, nc) uint8 or float [-1, 1] images.
       keys: ('score', 'paper_score') or ('code',).
 
     Returns:
       dict of numpy arrays with len(images) rows.
     """
+    check_batch_shape(np.shape(images), self.spec.isize, self.spec.nc)
     n, step = len(images), self._steps[tuple(keys)]
-    batches = input_pipeline.eval_batches(
-      images, None, self.global_batch_size, jax.process_index(), jax.process_count()
-    )
+    batches = eval_batches(images, self.global_batch_size, jax.process_index(), jax.process_count())
     out = []
     for batch in batches:
-      values = step(variables, shard_batch(batch.images, self.mesh))
+      values = step(variables, shard_batch(batch, self.mesh))
       out.append(
         {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in values.items()}
       )
     if not out:
-      return {k: np.zeros((0,), np.float32) for k in keys}
+      code = (8 * self.spec.ngf,)
+      return {k: np.zeros((0, *(code if k == 'code' else ())), np.float32) for k in keys}
     return {k: np.concatenate([o[k] for o in out])[:n] for k in keys}
 
+  def reference_protocol(self, variables, images: np.ndarray) -> np.ndarray:
+    """The reference's test scores (paper score): train-mode BatchNorm, in-order batches of 64.
 
-@functools.partial(jax.jit, static_argnames=('spec', 'lam'))
-def _reference_batch(variables, images, spec, lam):
-  return score_terms(variables, images, lam, spec, train=True)['paper_score']
+    Each batch is normalised with its own statistics (so a score depends on its batch
+    neighbours); the last partial batch keeps its size, as the reference's loader does.
+    Runs on one device; results are identical on every process.
+
+    Args:
+      variables: the scoring variables, on the host (jax.device_get).
+      images: (N, isize, isize, nc) uint8 images, in the reference's order.
+
+    Returns:
+      (N,) numpy paper scores.
+    """
+    check_batch_shape(np.shape(images), self.spec.isize, self.spec.nc)
+    out = []
+    for start in range(0, len(images), REFERENCE_BATCH):
+      chunk = jnp.asarray(to_float(images[start : start + REFERENCE_BATCH]))
+      out.append(np.asarray(_reference_batch(variables, chunk, self.spec, self.lam, self.dtype)))
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def reference_protocol_scores(
-  variables, images: np.ndarray, spec: ModelSpec, lam: float
-) -> np.ndarray:
-  """The reference's test scores: train-mode BatchNorm, in-order batches of 64.
-
-  Each batch is normalised with its own statistics (so a score depends on its batch
-  neighbours); the last partial batch keeps its size, as the reference's loader does.
-  Runs on one device; results are identical on every process.
-  """
-  out = []
-  for start in range(0, len(images), REFERENCE_BATCH):
-    chunk = input_pipeline.to_float(images[start : start + REFERENCE_BATCH])
-    out.append(np.asarray(_reference_batch(variables, jnp.asarray(chunk), spec, lam)))
-  return np.concatenate(out)
+@functools.partial(jax.jit, static_argnames=('spec', 'dtype'))
+def _reference_batch(variables, images, spec, lam, dtype):
+  return _score_terms(variables, images, lam, spec, train=True, dtype=dtype)['paper_score']

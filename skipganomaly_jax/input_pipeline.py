@@ -11,14 +11,13 @@ arrays; `TrainIterator` and `eval_batches` batch them deterministically across p
 scaled to float32 [-1, 1]. This module never imports training code.
 """
 
-from skipganomaly_jax.data.batches import EvalBatch, TrainIterator, eval_batches
+from skipganomaly_jax.data.batches import TrainIterator, eval_batches
 from skipganomaly_jax.data.images import load_images, to_float
 from skipganomaly_jax.data.splits import PROTOCOLS, DataSplits, load_splits
 
 __all__ = [
   'PROTOCOLS',
   'DataSplits',
-  'EvalBatch',
   'TrainIterator',
   'eval_batches',
   'load_images',

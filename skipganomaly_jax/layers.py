@@ -7,20 +7,23 @@ counts do not depend on which implementation computes them.
 Why: XLA's CPU convolutions have slow paths at 1-4 pixel spatial sizes, and jax's own
 gradient of `lax.conv_transpose` (an input-dilated conv) is slow on CPU at every size. So
 on CPU ('auto') every k4 s2 p1 layer runs through a `custom_vjp` built from three ops of
-the conv C(x, w) (C_in -> C_out at input size H): C itself, its input-transpose D(dy, w)
-and its weight gradient G(x, dy). Conv = C (grads D, G); ConvTranspose(x, k) = D(x, kT(k))
-(grads C, G), kT = flipped spatially, in/out swapped. Each op picks a method by shape at
+the conv y = conv(x, w) (C_in -> C_out at input size H): `conv` itself, its transpose with
+respect to the input `conv_t(dy, w)` and its kernel gradient `kernel_grad(x, dy)`.
+Conv = conv (grads conv_t, kernel_grad); ConvTranspose(x, k) = conv_t(x, kT) (grads conv,
+kernel_grad), kT = k flipped spatially, in/out swapped. Each op picks a method by shape at
 trace time (rule from timing every method of each op: `conv_layers.py --ops`):
 
-  C: 'im2col' (patches + dot; a plain matmul when the output is 1x1) if H <= 8, else 'lax'.
-  D: 'overlap' (one dot with all 16 taps + overlap-add; a matmul at 1x1 input) if H <= 2,
-     'subpixel' (4 output phases, each a 2x2 conv as patches + dot) if H == 4, else 'lax'.
-  G: 'im2col' (patches^T @ dy) if H <= 4, 'taps' (16 dots over the batch) if C_in <= 4,
-     else 'lax' (jax's vjp of the lax conv).
+  conv: 'im2col' (patches + dot; a plain matmul when the output is 1x1) if H <= 8, else
+     'lax'.
+  conv_t: 'overlap' (one dot with all 16 taps + overlap-add; a matmul at 1x1 input) if
+     H <= 2, 'subpixel' (4 output phases, each a 2x2 conv as patches + dot) if H == 4,
+     else 'lax'.
+  kernel_grad: 'im2col' (patches^T @ dy) if H <= 4, 'taps' (16 dots over the batch) if
+     C_in <= 4, else 'lax' (jax's vjp of the lax conv).
   Other convs (D's 'features', 'classifier'): a matmul when the output is 1x1, else lax.
 
 Measured (2 shared cores, noisy; batch 64, f32, median ms; benchmarks/conv_layers.py; plan
-= C/D/G methods, for ConvT of the conv at twice its input size):
+= conv/conv_t/kernel_grad methods, for ConvT of the conv at twice its input size):
 
   layer (input size)   plan                     fwd: lax   auto  fwd+bwd: lax   auto
   conv 3->64 @32       lax/lax/taps                  1.1    1.2           5.4    3.0
@@ -40,7 +43,7 @@ Measured (2 shared cores, noisy; batch 64, f32, median ms; benchmarks/conv_layer
 'lax' forces plain `lax` ops with jax's autodiff (the reference; always used off CPU);
 'fast' forces the custom_vjp with the best non-lax method of each op (for tests).
 The custom_vjp supports reverse mode (jit, grad, shard_map, vmap) but not forward mode;
-under shard_map its cotangents get their inputs' varying mesh axes (`_like`).
+under shard_map its cotangents get their inputs' varying mesh axes (`_with_varying_axes_of`).
 """
 
 import functools
@@ -69,7 +72,7 @@ def _dot(a, b):
   ).astype(a.dtype)
 
 
-def _kt(w):
+def _transposed_kernel(w):
   """The kernel of the transposed op: flipped spatially, in/out channels swapped."""
   return w[::-1, ::-1].transpose(0, 1, 3, 2)
 
@@ -104,21 +107,23 @@ def _im2col(x, k: int, stride: int, padding: int):
 
 
 def conv_lax(x, w, stride: int = 2, padding: int = 1):
-  """C by `lax.conv_general_dilated` (PyTorch Conv2d semantics, symmetric padding)."""
+  """conv by `lax.conv_general_dilated` (PyTorch Conv2d semantics, symmetric padding)."""
   return lax.conv_general_dilated(
     x, w, (stride, stride), [(padding, padding)] * 2, dimension_numbers=_DN
   )
 
 
 def conv_im2col(x, w, stride: int = 2, padding: int = 1):
-  """C by patches + one dot (a plain matmul when the kept taps cover a 1x1 output)."""
+  """conv by patches + one dot (a plain matmul when the kept taps cover a 1x1 output)."""
   patches, (r0, r1, c0, c1) = _im2col(x, w.shape[0], stride, padding)
   return _dot(patches, w[r0:r1, c0:c1].reshape(-1, w.shape[-1]))
 
 
-def dconv_lax(dy, w):
-  """D (input-transpose of the k4 s2 p1 conv C with kernel w) by `lax.conv_transpose`."""
-  return lax.conv_transpose(dy, _kt(w), (2, 2), [(2, 2), (2, 2)], dimension_numbers=_DN)
+def conv_t_lax(dy, w):
+  """conv_t (the k4 s2 p1 conv transposed w.r.t. its input) by `lax.conv_transpose`."""
+  return lax.conv_transpose(
+    dy, _transposed_kernel(w), (2, 2), [(2, 2), (2, 2)], dimension_numbers=_DN
+  )
 
 
 def _interleave(phases, n, h, w, f):
@@ -127,9 +132,9 @@ def _interleave(phases, n, h, w, f):
   return y.reshape(n, 2 * h, 2 * w, f)
 
 
-def dconv_overlap(dy, w):
-  """D by one dot with all 16 taps (the einsum form), then an overlap-add of slices."""
-  kernel = _kt(w)  # ConvTranspose orientation, (4, 4, in, out).
+def conv_t_overlap(dy, w):
+  """conv_t by one dot with all 16 taps (the einsum form), then an overlap-add of slices."""
+  kernel = _transposed_kernel(w)  # ConvTranspose orientation, (4, 4, in, out).
   n, h, wd, c = dy.shape
   f = kernel.shape[-1]
   if h == wd == 1:  # Only the taps (2, 1) x (2, 1) see the input: one matmul.
@@ -146,9 +151,9 @@ def dconv_overlap(dy, w):
   return _interleave(phases, n, h, wd, f)
 
 
-def dconv_subpixel(dy, w):
-  """D as four output phases, each a 2x2 stride-1 conv by patches + dot (sub-pixel form)."""
-  kernel = _kt(w)
+def conv_t_subpixel(dy, w):
+  """conv_t as four output phases, each a 2x2 stride-1 conv by patches + dot (sub-pixel form)."""
+  kernel = _transposed_kernel(w)
   n, h, wd, c = dy.shape
   f = kernel.shape[-1]
   xp = jnp.pad(dy, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -166,50 +171,55 @@ def dconv_subpixel(dy, w):
   return _interleave(phases, n, h, wd, f)
 
 
-def wgrad_lax(x, dy):
-  """G (gradient of C w.r.t. its 4x4 kernel) as jax's vjp of `lax` conv."""
+def kernel_grad_lax(x, dy):
+  """kernel_grad (gradient of the conv w.r.t. its 4x4 kernel) as jax's vjp of `lax` conv."""
   w0 = jnp.zeros((4, 4, x.shape[-1], dy.shape[-1]), x.dtype)
   return jax.vjp(lambda w: conv_lax(x, w), w0)[1](dy)[0]
 
 
-def _tdot(a, b):
+def _contract_nhw(a, b):
   """Contraction of a and b over their (n, h, w) axes, float32 accumulation."""
   return lax.dot_general(
     a, b, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32
   ).astype(a.dtype)
 
 
-def wgrad_im2col(x, dy):
-  """G as patches^T @ dy; kernel taps that only see padding get zeros."""
+def kernel_grad_im2col(x, dy):
+  """kernel_grad as patches^T @ dy; kernel taps that only see padding get zeros."""
   patches, (r0, r1, c0, c1) = _im2col(x, 4, 2, 1)
-  g = _tdot(patches, dy).reshape(r1 - r0, c1 - c0, x.shape[-1], dy.shape[-1])
+  g = _contract_nhw(patches, dy).reshape(r1 - r0, c1 - c0, x.shape[-1], dy.shape[-1])
   return jnp.pad(g, ((r0, 4 - r1), (c0, 4 - c1), (0, 0), (0, 0)))
 
 
-def wgrad_taps(x, dy):
-  """G as 16 separate contractions over the batch, one per kernel tap."""
+def kernel_grad_taps(x, dy):
+  """kernel_grad as 16 separate contractions over the batch, one per kernel tap."""
   n, h, wd, c = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   end = lambda i, j: (n, i + h - 1, j + wd - 1, c)
   return jnp.stack(
     [
-      jnp.stack([_tdot(lax.slice(xp, (0, i, j, 0), end(i, j), (1, 2, 2, 1)), dy) for j in range(4)])
+      jnp.stack(
+        [_contract_nhw(lax.slice(xp, (0, i, j, 0), end(i, j), (1, 2, 2, 1)), dy) for j in range(4)]
+      )
       for i in range(4)
     ]
   )
 
 
-C_METHODS = {'lax': conv_lax, 'im2col': conv_im2col}
-D_METHODS = {'lax': dconv_lax, 'overlap': dconv_overlap, 'subpixel': dconv_subpixel}
-G_METHODS = {'lax': wgrad_lax, 'im2col': wgrad_im2col, 'taps': wgrad_taps}
+CONV_METHODS = {'lax': conv_lax, 'im2col': conv_im2col}
+CONV_T_METHODS = {'lax': conv_t_lax, 'overlap': conv_t_overlap, 'subpixel': conv_t_subpixel}
+KERNEL_GRAD_METHODS = {
+  'lax': kernel_grad_lax,
+  'im2col': kernel_grad_im2col,
+  'taps': kernel_grad_taps,
+}
 
 
-def plan(h: int, c_in: int, c_out: int, impl: str = 'auto', backend: str | None = None):
-  """The methods (C, D, G) for the k4 s2 p1 conv c_in -> c_out at input size h.
+def plan(h: int, c_in: int, impl: str = 'auto', backend: str | None = None):
+  """The methods (conv, conv_t, kernel_grad) for the k4 s2 p1 conv of c_in channels at size h.
 
   Returns None for plain `lax` with jax's autodiff: impl 'lax', or 'auto' off CPU.
   """
-  del c_out  # The rule does not need it; kept for the signature's clarity.
   if impl not in IMPLS:
     raise ValueError(f'impl must be one of {IMPLS}; got {impl!r}.')
   backend = backend or jax.default_backend()
@@ -224,7 +234,7 @@ def plan(h: int, c_in: int, c_out: int, impl: str = 'auto', backend: str | None 
   )
 
 
-def _like(ct, primal):
+def _with_varying_axes_of(ct, primal):
   """The cotangent `ct` with the varying manual mesh axes of `primal` (under shard_map).
 
   A custom_vjp must return cotangents of its inputs' types. Under `shard_map` with
@@ -244,8 +254,8 @@ def _like(ct, primal):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_k4s2(x, w, methods):
-  """C(x, w) by methods[0]; its vjp is (D(dy, w), G(x, dy)) by methods[1], methods[2]."""
-  return C_METHODS[methods[0]](x, w)
+  """conv(x, w) by methods[0]; its vjp is (conv_t(dy, w), kernel_grad(x, dy))."""
+  return CONV_METHODS[methods[0]](x, w)
 
 
 def _conv_k4s2_fwd(x, w, methods):
@@ -254,32 +264,36 @@ def _conv_k4s2_fwd(x, w, methods):
 
 
 def _conv_k4s2_bwd(methods, res, dy):
-  """(dx, dw) = (D(dy, w), G(x, dy))."""
+  """(dx, dw) = (conv_t(dy, w), kernel_grad(x, dy))."""
   x, w = res
-  return _like(D_METHODS[methods[1]](dy, w), x), _like(G_METHODS[methods[2]](x, dy), w)
+  return _with_varying_axes_of(CONV_T_METHODS[methods[1]](dy, w), x), _with_varying_axes_of(
+    KERNEL_GRAD_METHODS[methods[2]](x, dy), w
+  )
 
 
 conv_k4s2.defvjp(_conv_k4s2_fwd, _conv_k4s2_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def dconv_k4s2(x, w, methods):
-  """D(x, w) by methods[1]; its vjp is (C(dy, w), G(dy, x)) by methods[0], methods[2]."""
-  return D_METHODS[methods[1]](x, w)
+def conv_t_k4s2(x, w, methods):
+  """conv_t(x, w) by methods[1]; its vjp is (conv(dy, w), kernel_grad(dy, x))."""
+  return CONV_T_METHODS[methods[1]](x, w)
 
 
-def _dconv_k4s2_fwd(x, w, methods):
-  """Forward of dconv_k4s2, keeping (x, w) for the backward."""
-  return dconv_k4s2(x, w, methods), (x, w)
+def _conv_t_k4s2_fwd(x, w, methods):
+  """Forward of conv_t_k4s2, keeping (x, w) for the backward."""
+  return conv_t_k4s2(x, w, methods), (x, w)
 
 
-def _dconv_k4s2_bwd(methods, res, dy):
-  """(dx, dw) = (C(dy, w), G(dy, x))."""
+def _conv_t_k4s2_bwd(methods, res, dy):
+  """(dx, dw) = (conv(dy, w), kernel_grad(dy, x))."""
   x, w = res
-  return _like(C_METHODS[methods[0]](dy, w), x), _like(G_METHODS[methods[2]](dy, x), w)
+  return _with_varying_axes_of(CONV_METHODS[methods[0]](dy, w), x), _with_varying_axes_of(
+    KERNEL_GRAD_METHODS[methods[2]](dy, x), w
+  )
 
 
-dconv_k4s2.defvjp(_dconv_k4s2_fwd, _dconv_k4s2_bwd)
+conv_t_k4s2.defvjp(_conv_t_k4s2_fwd, _conv_t_k4s2_bwd)
 
 
 def conv2d(x, w, stride: int = 2, padding: int = 1, impl: str = 'auto'):
@@ -287,7 +301,7 @@ def conv2d(x, w, stride: int = 2, padding: int = 1, impl: str = 'auto'):
   n, h, wd, c = x.shape
   k = w.shape[0]
   if (k, stride, padding) == (4, 2, 1) and h % 2 == 0 and wd % 2 == 0:
-    methods = plan(max(h, wd), c, w.shape[-1], impl)
+    methods = plan(max(h, wd), c, impl)
     return conv_lax(x, w) if methods is None else conv_k4s2(x, w, methods)
   if impl not in IMPLS:
     raise ValueError(f'impl must be one of {IMPLS}; got {impl!r}.')
@@ -299,10 +313,10 @@ def conv2d(x, w, stride: int = 2, padding: int = 1, impl: str = 'auto'):
 
 def conv_transpose2d(x, kernel, impl: str = 'auto'):
   """4x4 stride-2 transposed conv, padding (2, 2), Flax `ConvTranspose` kernel orientation."""
-  methods = plan(2 * max(x.shape[1:3]), kernel.shape[-1], kernel.shape[-2], impl)
+  methods = plan(2 * max(x.shape[1:3]), kernel.shape[-1], impl)
   if methods is None:
     return lax.conv_transpose(x, kernel, (2, 2), [(2, 2), (2, 2)], dimension_numbers=_DN)
-  return dconv_k4s2(x, _kt(kernel), methods)
+  return conv_t_k4s2(x, _transposed_kernel(kernel), methods)
 
 
 class Conv(nn.Module):

@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 
 from skipganomaly_jax import metrics, plots
-from skipganomaly_jax.scoring import score_details
+from skipganomaly_jax.data.images import to_float
+from skipganomaly_jax.scoring import KNN_K, score_details
 
 PROTOCOL_NOTE = (
   'ours: BatchNorm in eval mode (running statistics), model of the last epoch, '
@@ -20,8 +21,9 @@ PROTOCOL_NOTE = (
 
 SCORE_NOTE = (
   "auroc, average_precision, f1, threshold: of score_kind's score ('latent_knn': cosine "
-  "distance of G's bottleneck code to its 5 nearest training-normal codes; 'paper': "
-  '0.9 * rec + 0.1 * lat). paper_score_auroc: always the paper score.'
+  f"distance of G's bottleneck code to its {KNN_K} nearest training-normal codes; 'paper': "
+  'lam * rec + (1 - lam) * lat, lam = config.score_lambda). paper_score_auroc: always '
+  'the paper score.'
 )
 
 
@@ -64,11 +66,11 @@ def write_all(
   plots.save_score_histogram(
     paths['score_histogram.png'], labels, test_scores, calibration.threshold, title
   )
-  pick = np.concatenate([np.flatnonzero(labels == 0)[:4], np.flatnonzero(labels == 1)[:4]])
+  pick = plots.pick_examples(labels)
   details = score_details(variables, splits.test[pick], return_maps=True)
   plots.save_reconstruction_grid(
     paths['reconstructions.png'],
-    splits.test[pick].astype(np.float32) / 127.5 - 1,
+    to_float(splits.test[pick]),
     np.asarray(details['reconstruction']),
     np.asarray(details['anomaly_map']),
     labels[pick],

@@ -91,8 +91,9 @@ def _to_display(images: np.ndarray) -> np.ndarray:
   return images[..., 0] if images.shape[-1] == 1 else images
 
 
-def _pick(labels: np.ndarray, num_per_class: int) -> np.ndarray:
-  """Indices of the first `num_per_class` normal, then abnormal, examples."""
+def pick_examples(labels: Any, num_per_class: int = 4) -> np.ndarray:
+  """Indices of the first `num_per_class` normal, then abnormal, examples (the grid's)."""
+  labels = np.asarray(labels)
   normal = np.flatnonzero(labels == 0)[:num_per_class]
   abnormal = np.flatnonzero(labels == 1)[:num_per_class]
   return np.concatenate([normal, abnormal])
@@ -131,7 +132,7 @@ def save_reconstruction_grid(
     raise ValueError(f'anomaly_maps {maps.shape} do not match images {images.shape[:3]}')
   if labels.shape != (images.shape[0],) or scores.shape != (images.shape[0],):
     raise ValueError(f'labels {labels.shape} and scores {scores.shape} need ({images.shape[0]},)')
-  idx = _pick(labels, num_per_class)
+  idx = pick_examples(labels, num_per_class)
   if idx.size == 0:
     raise ValueError('no images to show')
   _draw_grid(

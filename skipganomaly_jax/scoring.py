@@ -21,14 +21,25 @@ structure `skipganomaly_jax.load` returns; the architecture is read from its sha
 the score is 'latent_knn' exactly when `params` holds a 'knn_bank'. Scores are raw:
 calibration (min-max, threshold) comes from held-out normal images, never the test set
 (see metrics.Calibration).
+
+Public: `score_fn`, `score_maps` and `score_details` (arrays in memory), with
+`scoring_variables` and `normalise_codes` to build `params`; `evaluation.DatasetScorer`
+scores whole datasets on a device mesh with the same `_score_terms`, the one place of
+both formulas.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from skipganomaly_jax.data.batches import eval_batches
+from skipganomaly_jax.data.images import as_model_input
 from skipganomaly_jax.models import ModelSpec
 
+# lam of the paper score, 0.9 as in the paper. The one definition: the config's
+# score_lambda, the metrics notes and the score functions' defaults all read it.
 DEFAULT_LAMBDA = 0.9
 KNN_K = 5  # Neighbours averaged by the latent k-NN score; fixed a priori, never tuned.
 SCORE_KINDS = ('latent_knn', 'paper')
@@ -46,7 +57,7 @@ def scoring_variables(g_state, d_state, knn_bank=None) -> dict:
   return variables
 
 
-def check_knn_bank(params, spec: ModelSpec) -> None:
+def _check_knn_bank(params, spec: ModelSpec) -> None:
   """Raises ValueError unless params' 'knn_bank' (if any) fits the generator's code."""
   if 'knn_bank' not in params:
     return
@@ -65,7 +76,7 @@ def normalise_codes(codes):
   return codes / jnp.maximum(jnp.linalg.norm(codes, axis=-1, keepdims=True), 1e-12)
 
 
-def knn_distance(codes, bank, k: int = KNN_K):
+def _knn_distance(codes, bank, k: int = KNN_K):
   """1 - mean cosine similarity of each code to its k most similar rows of `bank`.
 
   Args:
@@ -90,53 +101,7 @@ def knn_distance(codes, bank, k: int = KNN_K):
   return 0.5 * jnp.mean(jnp.sum(jnp.square(differences), axis=-1), axis=-1)
 
 
-def check_images(images, spec: ModelSpec):
-  """Validates a batch on the host and returns it as float32 in [-1, 1].
-
-  Shape checks always run; value checks (finite, range) run only on concrete arrays, so
-  that `score_fn` stays jittable.
-
-  Raises:
-    ValueError: wrong rank, size or channel count, non-finite values, or float values
-      outside [-1, 1].
-  """
-  expected = f'(N, {spec.isize}, {spec.isize}, {spec.nc})'
-  shape = tuple(np.shape(images))
-  if len(shape) != 4:
-    raise ValueError(
-      f'images must be a batch of rank 4 {expected} (NHWC); got shape '
-      f'{shape}. Add a batch axis with images[None] for a single image.'
-    )
-  if shape[1:3] != (spec.isize, spec.isize):
-    raise ValueError(
-      f'images must be {spec.isize}x{spec.isize} pixels, shape {expected}; '
-      f'got {shape[1]}x{shape[2]} (shape {shape}). Resize them first.'
-    )
-  if shape[3] != spec.nc:
-    raise ValueError(
-      f'images must have {spec.nc} channel(s), shape {expected}; got {shape[3]} (shape {shape}).'
-    )
-  dtype = np.dtype(images.dtype)
-  if dtype == np.uint8:
-    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-  if not np.issubdtype(dtype, np.floating):
-    raise ValueError(f'images must be uint8 in [0, 255] or float in [-1, 1]; got {dtype}.')
-  if isinstance(images, jax.core.Tracer):
-    return images.astype(jnp.float32)
-  host = np.asarray(images)
-  if not np.all(np.isfinite(host)):
-    bad = np.unique(np.argwhere(~np.isfinite(host))[:, 0])
-    raise ValueError(f'images contain NaN or Inf values (images {bad[:10].tolist()}).')
-  lo, hi = float(host.min(initial=0.0)), float(host.max(initial=0.0))
-  if lo < -1.001 or hi > 1.001:
-    raise ValueError(
-      f'float images must be scaled to [-1, 1]; got values in [{lo:.3g}, '
-      f'{hi:.3g}]. Pass uint8 images in [0, 255] or scale with x/127.5 - 1.'
-    )
-  return jnp.asarray(host, jnp.float32)
-
-
-def score_terms(
+def _score_terms(
   params,
   images,
   lam,
@@ -173,8 +138,8 @@ def score_terms(
   _, f_fake = apply(d_model, params['discriminator'], x_hat)
   rec = jnp.mean(jnp.square(images - x_hat), axis=(1, 2, 3))
   lat = jnp.mean(jnp.square(f_real - f_fake), axis=1)
-  paper = lam * rec + (1.0 - lam) * lat
-  score = knn_distance(code, params['knn_bank']) if 'knn_bank' in params else paper
+  paper = lam * rec + (1.0 - lam) * lat  # The paper score: its one definition.
+  score = _knn_distance(code, params['knn_bank']) if 'knn_bank' in params else paper
   out = {'score': score, 'paper_score': paper, 'rec': rec, 'lat': lat, 'code': code}
   if return_maps:
     out['reconstruction'] = x_hat
@@ -182,62 +147,129 @@ def score_terms(
   return out
 
 
-_score_batch = jax.jit(score_terms, static_argnames=('spec', 'return_maps', 'train', 'dtype'))
+_score_batch = jax.jit(_score_terms, static_argnames=('spec', 'return_maps', 'train', 'dtype'))
+
+
+def _bucket(n: int, chunk: int) -> int:
+  """Images per compiled call for n images: the next power of two, at most `chunk`.
+
+  Any n then compiles one of at most log2(chunk) + 1 programs (padding is free of
+  side effects: eval-mode BatchNorm scores every image independently of its batch).
+  """
+  return min(chunk, 1 << max(n - 1, 0).bit_length())
+
+
+def _check_static_flag(return_maps) -> None:
+  """Raises TypeError unless return_maps is a Python bool (not a traced value)."""
+  if not isinstance(return_maps, bool | np.bool_):
+    raise TypeError(
+      f'return_maps must be a Python bool; got {type(return_maps).__name__}. Under '
+      'jax.jit it is traced: jit `score_maps` instead, or use '
+      "jax.jit(score_fn, static_argnames='return_maps')."
+    )
+
+
+def _empty_result(params, spec: ModelSpec, lam, return_maps: bool) -> dict:
+  """What `_score_terms` returns for zero images: arrays with 0 rows."""
+  image = jax.ShapeDtypeStruct((1, spec.isize, spec.isize, spec.nc), jnp.float32)
+  shapes = jax.eval_shape(
+    functools.partial(_score_terms, spec=spec, return_maps=return_maps), params, image, lam
+  )
+  return {k: jnp.zeros((0, *v.shape[1:]), v.dtype) for k, v in shapes.items()}
 
 
 def score_details(
-  params, images, *, lam: float = DEFAULT_LAMBDA, return_maps: bool = False, chunk: int = MAX_CHUNK
+  params,
+  images,
+  *,
+  lam: float = DEFAULT_LAMBDA,
+  return_maps: bool = False,
+  value_range='auto',
+  chunk: int = MAX_CHUNK,
 ) -> dict:
   """Scores with their terms, and on request reconstructions and anomaly maps.
 
   Args:
     params: {'generator': {...}, 'discriminator': {...}} variables (see module doc).
-    images: (N, isize, isize, nc), uint8 in [0, 255] or float in [-1, 1].
-    lam: weight of the reconstruction term.
+    images: (N, isize, isize, nc) NHWC, any N >= 0; see `score_fn` for the value range.
+    lam: weight of the reconstruction term of the paper score.
     return_maps: also return 'reconstruction' (N, H, W, C) and 'anomaly_map' (N, H, W),
-      the per-pixel mean over channels of |x - G(x)|.
-    chunk: images per compiled call (the last chunk is padded; eval-mode BatchNorm makes
-      every image independent of its batch).
+      the per-pixel mean over channels of |x - G(x)|. A Python bool.
+    value_range: 'auto' or (low, high); see `score_fn`.
+    chunk: most images per compiled call. Batches are padded to a power of two (at most
+      `chunk`), so any N compiles at most log2(chunk) + 1 programs. Under jax.jit the
+      batch is scored in one piece.
 
   Returns:
     dict of arrays: 'score' (latent k-NN with a 'knn_bank', else = 'paper_score'),
     'paper_score', 'rec', 'lat' of shape (N,), 'code' (N, code), plus the maps on
     request.
+
+  Raises:
+    ValueError: as `score_fn`.
   """
+  _check_static_flag(return_maps)
   spec = ModelSpec.from_variables(params)
-  check_knn_bank(params, spec)
-  x = check_images(images, spec)
+  _check_knn_bank(params, spec)
+  x = as_model_input(images, spec.isize, spec.nc, value_range)
   n = x.shape[0]
-  if n <= chunk:
-    return _score_batch(params, x, lam, spec, return_maps)
-  parts = []
-  for start in range(0, n, chunk):
-    part = x[start : start + chunk]
-    pad = chunk - part.shape[0]
-    if pad:
-      part = jnp.concatenate([part, jnp.zeros((pad,) + part.shape[1:], part.dtype)])
-    out = _score_batch(params, part, lam, spec, return_maps)
-    parts.append(jax.tree.map(lambda a, k=chunk - pad: a[:k], out))
-  return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+  if n == 0:
+    return _empty_result(params, spec, lam, return_maps)
+  if isinstance(x, jax.core.Tracer):  # Inside the caller's jit: one program, no padding.
+    return _score_terms(params, x, lam, spec, return_maps)
+  parts = [
+    _score_batch(params, batch, lam, spec, return_maps)
+    for batch in eval_batches(x, _bucket(n, chunk))
+  ]
+  return jax.tree.map(lambda *a: jnp.concatenate(a)[:n], *parts)
 
 
-def score_fn(params, images, *, lam: float = DEFAULT_LAMBDA, return_maps: bool = False):
+def score_fn(
+  params, images, *, lam: float = DEFAULT_LAMBDA, return_maps: bool = False, value_range='auto'
+):
   """Anomaly scores of a batch of images (higher = more anomalous).
+
+  Value range: the networks take float images in [-1, 1]. With value_range='auto'
+  (default), uint8 images are read as [0, 255] and float images must already be in
+  [-1, 1]; a float batch without a single negative value is rejected, because that is
+  what images scaled to [0, 1] (the common mistake, scored silently wrong otherwise)
+  look like. State the range to pass such a batch: value_range=(0, 1) rescales [0, 1]
+  images, value_range=(-1, 1) accepts [-1, 1] images that happen to be non-negative;
+  any (low, high) is mapped linearly to [-1, 1].
+
+  Under jax.jit: the shape, dtype and 'knn_bank' checks hold (shapes are static); the
+  value checks (NaN/Inf, the range, the [0, 1] guard) need concrete values and are
+  skipped, so traced float images are taken to be in [-1, 1] (or in value_range).
+  `return_maps` must be static: jit `score_maps` for maps, or use
+  jax.jit(score_fn, static_argnames='return_maps').
 
   Args:
     params: {'generator': {'params', 'batch_stats'}, 'discriminator': {...}} and, for
       the latent k-NN score, 'knn_bank'; as returned by `skipganomaly_jax.load(workdir)`
       or `scoring_variables`.
-    images: (N, isize, isize, nc), uint8 in [0, 255] or float in [-1, 1]; any N.
+    images: (N, isize, isize, nc) NHWC, uint8 or float (see above); any N >= 0 (an
+      empty batch gives empty results).
     lam: weight of the reconstruction term of the paper score (0.9 as in the paper).
     return_maps: if True, also return per-pixel anomaly maps (N, isize, isize).
+    value_range: 'auto' or the (low, high) range of the images' values (see above).
 
   Returns:
     scores of shape (N,), or (scores, maps) when return_maps is True.
 
   Raises:
-    ValueError: images of the wrong rank, size, channel count or dtype, non-finite, or
-      float values outside [-1, 1]; a 'knn_bank' of the wrong shape.
+    ValueError: images of the wrong rank, size, channel count (a channel-first batch is
+      named as such) or dtype, non-finite, outside their range, or all-non-negative
+      floats under value_range='auto'; a 'knn_bank' of the wrong shape.
+    TypeError: a traced `return_maps`.
   """
-  out = score_details(params, images, lam=lam, return_maps=return_maps)
+  out = score_details(params, images, lam=lam, return_maps=return_maps, value_range=value_range)
   return (out['score'], out['anomaly_map']) if return_maps else out['score']
+
+
+def score_maps(params, images, *, lam: float = DEFAULT_LAMBDA, value_range='auto'):
+  """(scores (N,), anomaly maps (N, isize, isize)): `score_fn` with maps, jittable as is.
+
+  Arguments, checks and behaviour under jax.jit as `score_fn`.
+  """
+  out = score_details(params, images, lam=lam, return_maps=True, value_range=value_range)
+  return out['score'], out['anomaly_map']

@@ -223,9 +223,7 @@ def evaluate_epoch(run: Run, g, d, epoch: int, step: int):
   report['paper_score_auroc'] = metrics.auroc(run.splits.test_labels, test['paper_score'])
   if run.config.protocol == 'reference':
     # On one local device in each process: host copies of the global arrays.
-    ref = evaluation.reference_protocol_scores(
-      jax.device_get(variables), run.splits.test, run.spec, run.config.score_lambda
-    )
+    ref = run.scorer.reference_protocol(jax.device_get(variables), run.splits.test)
     report['reference_protocol_auroc'] = metrics.auroc(run.splits.test_labels, ref)
   run.writer.write_scalars(
     step, {k: v for k, v in report.items() if isinstance(v, int | float)}, prefix='eval/'

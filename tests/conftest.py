@@ -10,11 +10,13 @@ import importlib.util
 import os
 import pathlib
 import tempfile
+import zlib
 
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE}'.strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS: read when the backend starts)
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,3 +51,37 @@ def tiny_config():
   config = tiny(load_config('default'))
   config.nc = 3
   return config
+
+
+# ------------------------------------------------------------------------------ seeds
+# Every random test draws from a seeded generator. The seed is fixed per test (derived
+# from its name, so runs are reproducible) unless TEST_SEED=<int> overrides it (to
+# explore other inputs), and it is printed in the report of a failing test.
+
+
+def test_seed(request) -> int:
+  """The seed of the running test: $TEST_SEED, else a hash of the test's name."""
+  seed = os.environ.get('TEST_SEED')
+  seed = int(seed) if seed else zlib.crc32(request.node.nodeid.encode())
+  request.node.stash[SEED_KEY] = seed
+  return seed
+
+
+SEED_KEY = pytest.StashKey[int]()
+test_seed.__test__ = False  # A helper, not a test.
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+  """A numpy Generator seeded with `test_seed` (reported if the test fails)."""
+  return np.random.default_rng(test_seed(request))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """Adds 'random seed: S (rerun with TEST_SEED=S)' to a failing test's report."""
+  outcome = yield
+  report = outcome.get_result()
+  if report.failed and SEED_KEY in item.stash:
+    seed = item.stash[SEED_KEY]
+    report.sections.append(('random seed', f'{seed} (rerun with TEST_SEED={seed})'))

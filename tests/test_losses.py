@@ -16,11 +16,6 @@ def np_bce(logits, target):
   return float(np.mean(-(target * log_p + (1 - target) * log_1mp)))
 
 
-@pytest.fixture
-def rng():
-  return np.random.default_rng()
-
-
 @pytest.mark.parametrize('target', [0.0, 1.0])
 def test_bce_matches_numpy(rng, target):
   logits = rng.normal(0, 3, 37).astype(np.float32)

@@ -29,14 +29,6 @@ def _random_case(rng: np.random.Generator, kind: str):
 KINDS = ['continuous', 'ties', 'few_values', 'equal']
 
 
-@pytest.fixture
-def rng():
-  """A freshly seeded generator; the seed is printed, so pytest shows it on failure."""
-  seed = np.random.SeedSequence().entropy
-  print(f'numpy seed: {seed}')
-  return np.random.default_rng(seed)
-
-
 @pytest.mark.parametrize('kind', KINDS)
 def test_ranking_metrics_match_sklearn(kind, rng):
   for _ in range(25):

@@ -40,10 +40,24 @@ def test_output_shapes_and_range(isize, nc):
   x = jax.random.uniform(jax.random.key(isize + nc), (3, isize, isize, nc), minval=-1, maxval=1)
   g_vars = spec.generator().init(jax.random.key(1), x, train=False)
   d_vars = spec.discriminator().init(jax.random.key(2), x, train=False)
+  # The last layer's output moved and spread (bias 1.5, kernel x 1000), so that it spans
+  # values where tanh differs from the identity, a clip or a sigmoid.
+  big = jax.tree.map(lambda a: a, g_vars)
+  big['params']['up_0']['kernel'] = 1000.0 * g_vars['params']['up_0']['kernel']
+  big['params']['up_0']['bias'] = jnp.full((nc,), 1.5)
+  last_layer = lambda module, method: module.name == 'up_0'
   for train in (False, True):
-    out = spec.generator().apply(g_vars, x, train=train, mutable=['batch_stats'])[0]
+    out, state = spec.generator().apply(
+      big,
+      x,
+      train=train,
+      mutable=['batch_stats', 'intermediates'],
+      capture_intermediates=last_layer,
+    )
     assert out.shape == x.shape
-    assert float(jnp.max(jnp.abs(out))) <= 1.0
+    pre = np.asarray(state['intermediates']['up_0']['__call__'][0], np.float64)
+    assert pre.min() < 0.5 and pre.max() > 2.5, (pre.min(), pre.max())
+    np.testing.assert_allclose(out, np.tanh(pre), atol=1e-6)  # The output is tanh(up_0).
     (logits, feats), _ = spec.discriminator().apply(d_vars, x, train=train, mutable=['batch_stats'])
     assert logits.shape == (3,) and feats.shape == (3, 7)
   assert ModelSpec.from_variables({'generator': g_vars, 'discriminator': d_vars}) == spec

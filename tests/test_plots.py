@@ -76,3 +76,10 @@ def test_pyplot_not_imported(tmp_path):
   )
   subprocess.run([sys.executable, '-c', code], check=True, timeout=60)
   assert (tmp_path / 'r.png').exists()
+
+
+def test_pick_examples_first_of_each_class():
+  labels = np.array([1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1])
+  np.testing.assert_array_equal(plots.pick_examples(labels, 2), [1, 4, 0, 2])
+  np.testing.assert_array_equal(plots.pick_examples(labels), [1, 4, 5, 7, 0, 2, 3, 6])
+  np.testing.assert_array_equal(plots.pick_examples([0, 0], 4), [0, 1])

@@ -3,16 +3,13 @@
 import jax
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 
-from skipganomaly_jax import score_fn
+import skipganomaly_jax
+from skipganomaly_jax import evaluation, score_details, score_fn, score_maps, scoring
 from skipganomaly_jax import train_step as ts
 from skipganomaly_jax.models import ModelSpec
-from skipganomaly_jax.scoring import (
-  knn_distance,
-  normalise_codes,
-  score_details,
-  scoring_variables,
-)
+from skipganomaly_jax.scoring import _knn_distance, normalise_codes, scoring_variables
 
 
 @pytest.fixture(scope='module')
@@ -27,21 +24,21 @@ def params():
   return scoring_variables(g, d)
 
 
-def numpy_scores(params, images, lam=0.9):
+def numpy_scores(params, images, lam=0.9, train=False):
+  """(paper scores, maps) in float64 from the networks' outputs (BatchNorm as `train`)."""
   spec = ModelSpec.from_variables(params)
-  x_hat = np.asarray(spec.generator().apply(params['generator'], images, train=False), np.float64)
-  _, f_real = spec.discriminator().apply(params['discriminator'], images, train=False)
-  _, f_fake = spec.discriminator().apply(
-    params['discriminator'], x_hat.astype(np.float32), train=False
-  )
+  apply = lambda model, v, x: model.apply(v, x, train=train, mutable=['batch_stats'])[0]
+  x_hat = np.asarray(apply(spec.generator(), params['generator'], images), np.float64)
+  _, f_real = apply(spec.discriminator(), params['discriminator'], images)
+  _, f_fake = apply(spec.discriminator(), params['discriminator'], x_hat.astype(np.float32))
   x = np.asarray(images, np.float64)
   rec = ((x - x_hat) ** 2).mean(axis=(1, 2, 3))
   lat = ((np.asarray(f_real, np.float64) - np.asarray(f_fake, np.float64)) ** 2).mean(axis=1)
   return lam * rec + (1 - lam) * lat, np.abs(x - x_hat).mean(axis=-1)
 
 
-def test_scores_and_maps_match_numpy(params):
-  images = np.random.default_rng().uniform(-1, 1, (5, 32, 32, 1)).astype(np.float32)
+def test_scores_and_maps_match_numpy(params, rng):
+  images = rng.uniform(-1, 1, (5, 32, 32, 1)).astype(np.float32)
   scores, maps = score_fn(params, images, return_maps=True)
   expected_scores, expected_maps = numpy_scores(params, images)
   np.testing.assert_allclose(scores, expected_scores, rtol=1e-4)
@@ -51,24 +48,93 @@ def test_scores_and_maps_match_numpy(params):
   )
 
 
-def test_chunked_scores_equal_one_batch_and_any_batch_size(params):
-  images = np.random.default_rng().uniform(-1, 1, (11, 32, 32, 1)).astype(np.float32)
+def test_chunked_scores_equal_one_batch_and_any_batch_size(params, rng):
+  images = rng.uniform(-1, 1, (11, 32, 32, 1)).astype(np.float32)
   whole = score_details(params, images)['score']
   chunked = score_details(params, images, chunk=4)['score']
   np.testing.assert_allclose(chunked, whole, rtol=1e-5)
   np.testing.assert_allclose(score_fn(params, images[:1]), whole[:1], rtol=1e-5)
 
 
-def test_uint8_is_scaled(params):
-  raw = np.random.default_rng().integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
+def test_uint8_is_scaled(params, rng):
+  raw = rng.integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
   np.testing.assert_allclose(
     score_fn(params, raw), score_fn(params, raw.astype(np.float32) / 127.5 - 1), rtol=1e-5
   )
 
 
-def test_score_fn_is_jittable(params):
-  images = np.random.default_rng().uniform(-1, 1, (2, 32, 32, 1)).astype(np.float32)
+def test_score_fn_is_jittable(params, rng):
+  images = rng.uniform(-1, 1, (2, 32, 32, 1)).astype(np.float32)
   np.testing.assert_allclose(jax.jit(score_fn)(params, images), score_fn(params, images), rtol=1e-5)
+
+
+def test_maps_under_jit(params, rng):
+  images = rng.uniform(-1, 1, (3, 32, 32, 1)).astype(np.float32)
+  scores, maps = score_fn(params, images, return_maps=True)
+  for jitted in (
+    jax.jit(score_maps),
+    lambda p, x: jax.jit(score_fn, static_argnames='return_maps')(p, x, return_maps=True),
+  ):
+    got_scores, got_maps = jitted(params, images)
+    np.testing.assert_allclose(got_scores, scores, rtol=1e-5)
+    np.testing.assert_allclose(got_maps, maps, rtol=1e-5, atol=1e-6)
+  with pytest.raises(TypeError, match='jit `score_maps` instead'):
+    jax.jit(score_fn)(params, images, return_maps=True)
+
+
+def test_checks_that_hold_under_jit(params):
+  # Shapes are static: checked under jit too.
+  with pytest.raises(ValueError, match='32x32 pixels'):
+    jax.jit(score_fn)(params, np.zeros((2, 28, 28, 1), np.float32))
+  with pytest.raises(ValueError, match='NCHW'):
+    jax.jit(score_fn)(params, np.zeros((2, 1, 32, 32), np.float32))
+  # Values are not (as documented): NaN images give NaN scores instead of an error.
+  images = np.full((2, 32, 32, 1), -0.5, np.float32)
+  images[1, 3, 3, 0] = np.nan
+  scores = np.asarray(jax.jit(score_fn)(params, images))
+  assert np.isfinite(scores[0]) and np.isnan(scores[1])
+
+
+def test_empty_batch_gives_empty_results(params):
+  for images in (np.zeros((0, 32, 32, 1), np.uint8), np.zeros((0, 32, 32, 1), np.float32)):
+    assert np.shape(score_fn(params, images)) == (0,)
+    scores, maps = score_fn(params, images, return_maps=True)
+    assert np.shape(scores) == (0,) and np.shape(maps) == (0, 32, 32)
+  details = score_details(params, np.zeros((0, 32, 32, 1), np.uint8), return_maps=True)
+  shapes = {k: np.shape(v) for k, v in details.items()}
+  code = 8 * ModelSpec.from_variables(params).ngf
+  assert shapes == {
+    'score': (0,),
+    'paper_score': (0,),
+    'rec': (0,),
+    'lat': (0,),
+    'code': (0, code),
+    'reconstruction': (0, 32, 32, 1),
+    'anomaly_map': (0, 32, 32),
+  }
+
+
+def test_float_images_in_0_1_are_caught(params, rng):
+  """The common mistake: floats scaled to [0, 1]. Rejected unless the range is stated."""
+  raw = rng.integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
+  unit = raw.astype(np.float32) / 255.0  # [0, 1]
+  with pytest.raises(ValueError, match=r'look scaled to \[0, 1\].*value_range=\(0, 1\)'):
+    score_fn(params, unit)
+  want = score_fn(params, raw)
+  np.testing.assert_allclose(score_fn(params, unit, value_range=(0, 1)), want, rtol=1e-5)
+  np.testing.assert_allclose(score_fn(params, 255.0 * unit, value_range=(0, 255)), want, rtol=1e-5)
+  # Valid [-1, 1] data that happens to be non-negative passes once its range is stated,
+  # and scores as the same values would with one negative pixel elsewhere in the batch.
+  bright = rng.uniform(0.2, 1.0, (2, 32, 32, 1)).astype(np.float32)
+  stated = score_fn(params, bright, value_range=(-1, 1))
+  with_dark = np.concatenate([bright, np.full((1, 32, 32, 1), -1.0, np.float32)])
+  np.testing.assert_allclose(stated, score_fn(params, with_dark)[:2], rtol=1e-5)
+  with pytest.raises(ValueError, match=r'value_range=\(0, 1\); got values in'):
+    score_fn(params, unit * 2, value_range=(0, 1))
+  with pytest.raises(ValueError, match='low < high'):
+    score_fn(params, unit, value_range=(1, 0))
+  with pytest.raises(ValueError, match="'auto' or"):
+    score_fn(params, unit, value_range='[0, 1]')
 
 
 @pytest.mark.parametrize(
@@ -77,6 +143,8 @@ def test_score_fn_is_jittable(params):
     ((32, 32, 1), 'rank 4'),
     ((2, 28, 28, 1), '32x32 pixels'),
     ((2, 32, 32, 3), '1 channel'),
+    ((2, 1, 32, 32), r'NCHW.*expected NHWC.*x\.transpose\(0, 2, 3, 1\)'),
+    ((2, 3, 32, 32), r'NCHW.*x\.transpose\(0, 2, 3, 1\)'),
   ],
 )
 def test_bad_shapes(params, shape, match):
@@ -105,15 +173,13 @@ def numpy_knn(codes, bank_codes, k=5):
   return 1.0 - sims.mean(axis=1)
 
 
-def test_knn_distance_matches_numpy():
-  rng = np.random.default_rng()
+def test_knn_distance_matches_numpy(rng):
   codes, bank = rng.normal(size=(9, 16)), rng.normal(size=(40, 16))
-  got = knn_distance(codes.astype(np.float32), normalise_codes(bank.astype(np.float32)), k=5)
+  got = _knn_distance(codes.astype(np.float32), normalise_codes(bank.astype(np.float32)), k=5)
   np.testing.assert_allclose(got, numpy_knn(codes, bank), atol=1e-5)
 
 
-def test_latent_knn_score_uses_the_bank(params):
-  rng = np.random.default_rng()
+def test_latent_knn_score_uses_the_bank(params, rng):
   train = rng.uniform(-1, 1, (30, 32, 32, 1)).astype(np.float32)
   images = rng.uniform(-1, 1, (7, 32, 32, 1)).astype(np.float32)
   # The codes are G's innermost encoder output, read here through Flax's intermediates.
@@ -142,12 +208,47 @@ def test_bad_knn_bank_is_rejected(params):
       score_fn({**params, 'knn_bank': bank}, images)
 
 
-def test_knn_distance_is_precise_for_near_identical_codes():
+def test_knn_distance_is_precise_for_near_identical_codes(rng):
   # Codes within ~1e-3 of each other (1 - cos ~ 1e-6): computed as 1 - cos in float32
   # it would be off by ~6%; the distance must keep float32's relative precision.
-  rng = np.random.default_rng()
   base = rng.normal(size=(1, 64))
   codes = base + 1e-3 * rng.normal(size=(6, 64))
   bank = base + 1e-3 * rng.normal(size=(50, 64))
-  got = knn_distance(codes.astype(np.float32), normalise_codes(bank.astype(np.float32)), k=5)
+  got = _knn_distance(codes.astype(np.float32), normalise_codes(bank.astype(np.float32)), k=5)
   np.testing.assert_allclose(got, numpy_knn(codes, bank), rtol=2e-3)
+
+
+def test_batch_sizes_compile_a_bounded_number_of_programs(params, rng):
+  """Batches are padded to powers of two (at most `chunk`): 6 sizes, 2 programs."""
+  images = rng.uniform(-1, 1, (13, 32, 32, 1)).astype(np.float32)
+  whole = np.asarray(score_details(params, images)['score'])
+  scoring._score_batch.clear_cache()
+  for n in (3, 5, 6, 7, 9, 13):  # Buckets 4, 8, 8, 8, then chunks of 8.
+    got = score_details(params, images[:n], chunk=8)['score']
+    np.testing.assert_allclose(got, whole[:n], rtol=1e-5)
+  assert scoring._score_batch._cache_size() == 2
+
+
+def test_dataset_scorer_and_the_reference_protocol(params, rng):
+  spec = ModelSpec.from_variables(params)
+  mesh = Mesh(np.asarray(jax.devices()), (evaluation.AXIS,))
+  scorer = skipganomaly_jax.DatasetScorer(spec, mesh, 4 * mesh.size, 0.9)
+  images = rng.integers(0, 256, (6 * mesh.size, 32, 32, 1), dtype=np.uint8)  # Padded.
+  got = scorer(params, images)
+  want = score_details(params, images)
+  for key in ('score', 'paper_score'):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+  np.testing.assert_allclose(
+    scorer(params, images, keys=('code',))['code'], want['code'], atol=1e-6
+  )
+  empty = scorer(params, images[:0], keys=('code',))['code']
+  assert empty.shape == (0, 8 * spec.ngf)
+  # The reference's protocol: train-mode BatchNorm over in-order batches of 64 (+ the rest).
+  images = rng.integers(0, 256, (66, 32, 32, 1), dtype=np.uint8)
+  x = images.astype(np.float32) / 127.5 - 1.0
+  expected = np.concatenate(
+    [numpy_scores(params, x[:64], train=True)[0], numpy_scores(params, x[64:], train=True)[0]]
+  )
+  np.testing.assert_allclose(scorer.reference_protocol(params, images), expected, rtol=1e-4)
+  with pytest.raises(ValueError, match='NCHW'):
+    scorer(params, images.transpose(0, 3, 1, 2))

@@ -6,7 +6,6 @@ see exactly what one process with the global batch sees, and training can resume
 (epoch, step) pair alone.
 """
 
-import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -110,65 +109,39 @@ class TrainIterator:
     self._epoch, self._step = epoch, step
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalBatch:
-  """This process's share of one padded global evaluation batch.
-
-  Attributes:
-    images: float32 [-1, 1] (global_batch_size // process_count, H, W, C), zero-padded.
-    labels: int32, padded with 0.
-    mask: bool, False on padding.
-    indices: int64 index into the full array, -1 on padding.
-  """
-
-  images: np.ndarray
-  labels: np.ndarray
-  mask: np.ndarray
-  indices: np.ndarray
-
-
 def eval_batches(
   images: np.ndarray,
-  labels: np.ndarray | None,
   global_batch_size: int,
   process_index: int = 0,
   process_count: int = 1,
-) -> Iterator[EvalBatch]:
+) -> Iterator[np.ndarray]:
   """Covers every image exactly once across processes, in full-shape (padded) batches.
 
   Every process yields ceil(N / global_batch_size) batches of the same shape, so a
-  jitted function never recompiles and collective ops stay in step.
+  jitted function never recompiles and collective ops stay in step. Process p's rows
+  of batch b are images[b * B + p * B/P : b * B + (p + 1) * B/P] (B = global batch, P
+  processes); rows past the end are zeros. So the outputs of all processes, batch by
+  batch and process by process, are the images in order followed by padding.
 
   Args:
     images: uint8 [0, 255] or float [-1, 1] images (N, H, W, C).
-    labels: int (N,) labels, or None for all zeros.
     global_batch_size: images per batch over all processes.
     process_index: this process, in [0, process_count).
     process_count: number of processes.
 
   Returns:
-    An iterator of `EvalBatch`. Arguments are checked when this is called.
+    An iterator of float32 [-1, 1] arrays (global_batch_size // process_count, H, W, C).
+    Arguments are checked when this is called.
   """
   local = _local_batch_size(global_batch_size, process_index, process_count)
-  n = len(images)
-  if labels is None:
-    labels = np.zeros(n, np.int32)
-  if len(labels) != n:
-    raise ValueError(f'{n} images but {len(labels)} labels.')
-  return _eval_batches(images, np.asarray(labels), int(global_batch_size), local, process_index)
+  return _eval_batches(images, int(global_batch_size), local, process_index)
 
 
-def _eval_batches(images, labels, global_batch_size, local, process_index):
+def _eval_batches(images, global_batch_size, local, process_index):
   n = len(images)
   for start in range(0, n, global_batch_size):
-    first = start + process_index * local
-    indices = np.arange(first, first + local, dtype=np.int64)
-    mask = indices < n
-    indices[~mask] = -1
-    real = indices[mask]
+    first = min(n, start + process_index * local)
+    chunk = images[first : min(n, first + local)]
     batch = np.zeros((local, *images.shape[1:]), np.float32)
-    chunk = images[real]
-    batch[: len(real)] = to_float(chunk) if chunk.dtype == np.uint8 else chunk
-    batch_labels = np.zeros(local, np.int32)
-    batch_labels[: len(real)] = labels[real]
-    yield EvalBatch(images=batch, labels=batch_labels, mask=mask, indices=indices)
+    batch[: len(chunk)] = to_float(chunk) if chunk.dtype == np.uint8 else chunk
+    yield batch

@@ -17,29 +17,157 @@ from PIL import Image
 # The extensions torchvision's ImageFolder accepts (case-insensitive).
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
 _CHUNK = 256  # Images per thread-pool task.
+ALLOWED_NC = (1, 3)  # Grayscale or RGB.
 
 
 def check_geometry(isize: int, nc: int) -> None:
   """Raises ValueError unless isize is a positive int and nc is 1 or 3."""
   if isinstance(isize, bool) or not isinstance(isize, int) or isize < 1:
     raise ValueError(f'config.isize must be a positive integer, got {isize!r}.')
-  if nc not in (1, 3):
+  if nc not in ALLOWED_NC:
     raise ValueError(f'config.nc must be 1 (grayscale) or 3 (RGB), got {nc!r}.')
 
 
-def to_float(images: np.ndarray) -> np.ndarray:
-  """Scales uint8 images to float32 in [-1, 1].
+def to_float(images):
+  """Scales uint8 images to float32 in [-1, 1]: the one uint8 -> float conversion.
 
   Args:
-    images: uint8 array with values in [0, 255], any shape.
+    images: uint8 array with values in [0, 255], any shape; numpy or jax (also traced).
 
   Returns:
-    float32 array of the same shape: 0 -> -1.0, 255 -> 1.0.
+    float32 array of the same shape and kind: 0 -> -1.0, 255 -> 1.0.
   """
-  images = np.asarray(images)
+  if not hasattr(images, 'astype'):
+    images = np.asarray(images)
   if images.dtype != np.uint8:
     raise ValueError(f'to_float expects uint8 images in [0, 255], got dtype {images.dtype}.')
   return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def check_batch_shape(shape, isize: int, nc: int) -> None:
+  """Raises ValueError unless `shape` is an NHWC batch (N, isize, isize, nc), N >= 0.
+
+  The error names the likely mistake: a single image without its batch axis, a
+  channel-first (NCHW) batch, or images of another size or channel count.
+  """
+  shape, expected = tuple(shape), f'(N, {isize}, {isize}, {nc})'
+  if len(shape) != 4:
+    raise ValueError(
+      f'images must be a batch of rank 4 {expected} (NHWC); got shape {shape}. Add a '
+      'batch axis with images[None] for a single image.'
+    )
+  if shape[1] in ALLOWED_NC and shape[2:] == (isize, isize) and shape[3] != nc:
+    raise ValueError(
+      f'images of shape {shape} look channel-first (NCHW); expected NHWC {expected}: '
+      'transpose with x.transpose(0, 2, 3, 1).'
+    )
+  if shape[1:3] != (isize, isize):
+    raise ValueError(
+      f'images must be {isize}x{isize} pixels, shape {expected}; got {shape[1]}x{shape[2]} '
+      f'(shape {shape}). Resize them first (skipganomaly_jax.input_pipeline.load_images '
+      'resizes and centre-crops image files).'
+    )
+  if shape[3] != nc:
+    raise ValueError(
+      f'images must have {nc} channel(s), shape {expected}; got {shape[3]} (shape {shape}).'
+    )
+
+
+def _value_range(dtype, value_range):
+  """((low, high), guard): the range images of `dtype` are stated or assumed to lie in."""
+  integer = np.issubdtype(dtype, np.integer) and dtype != np.bool_
+  if isinstance(value_range, str):
+    if value_range != 'auto':
+      raise ValueError(f"value_range must be 'auto' or (low, high); got {value_range!r}.")
+    if dtype == np.uint8:
+      return (0, 255), False
+    if np.issubdtype(dtype, np.floating):
+      return (-1, 1), True  # Assumed, not stated: guard against [0, 1] images.
+    raise ValueError(f'images must be uint8 in [0, 255] or float in [-1, 1]; got {dtype}.')
+  if not (integer or np.issubdtype(dtype, np.floating)):
+    raise ValueError(f'images must be integers or floats; got {dtype}.')
+  try:
+    low, high = value_range
+  except (TypeError, ValueError):
+    raise ValueError(f'value_range must be (low, high); got {value_range!r}.') from None
+  if _concrete(low, high) and not float(low) < float(high):
+    raise ValueError(f'value_range must be (low, high) with low < high; got {value_range!r}.')
+  return (low, high), False
+
+
+def _concrete(*values) -> bool:
+  """True when every value is a Python or numpy number (not traced by jax)."""
+  return all(isinstance(v, int | float | np.number) for v in values)
+
+
+def _check_values(host: np.ndarray, low, high, guard: bool) -> None:
+  """The value checks of `as_model_input` on a concrete batch."""
+  if np.issubdtype(host.dtype, np.floating) and not np.all(np.isfinite(host)):
+    bad = np.unique(np.argwhere(~np.isfinite(host))[:, 0])
+    raise ValueError(f'images contain NaN or Inf values (images {bad[:10].tolist()}).')
+  if host.size == 0:
+    return
+  lo, hi = float(host.min()), float(host.max())
+  slack = 5e-4 * (float(high) - float(low))  # Rounding of a float conversion.
+  if lo < float(low) - slack or hi > float(high) + slack:
+    if guard:
+      raise ValueError(
+        f'float images must be scaled to [-1, 1]; got values in [{lo:.3g}, {hi:.3g}]. '
+        'Pass uint8 images in [0, 255], scale with x / 127.5 - 1, or state their range, '
+        'e.g. value_range=(0, 255).'
+      )
+    raise ValueError(
+      f'images must lie in value_range=({low}, {high}); got values in [{lo:.3g}, {hi:.3g}].'
+    )
+  if guard and lo >= 0:
+    raise ValueError(
+      f'float images are all non-negative (values in [{lo:.3g}, {hi:.3g}]): they look '
+      'scaled to [0, 1], which would be scored wrongly (the networks take [-1, 1]). Pass '
+      'value_range=(0, 1) to have them rescaled, or value_range=(-1, 1) if they are '
+      '[-1, 1] images that happen to have no negative values.'
+    )
+
+
+def as_model_input(images, isize: int, nc: int, value_range='auto'):
+  """Checks a batch of images and returns it as the networks take it: float32 in [-1, 1].
+
+  Args:
+    images: (N, isize, isize, nc) NHWC array, numpy or jax (also traced under jax.jit).
+    isize: expected height and width.
+    nc: expected channels.
+    value_range: 'auto' (uint8 are [0, 255]; floats must be in [-1, 1], and an all-
+      non-negative float batch is rejected as the likely [0, 1] mistake) or (low, high),
+      the stated range of the values, mapped linearly to [-1, 1] (e.g. (0, 1)).
+
+  Returns:
+    float32 images in [-1, 1]: numpy for numpy input, else a jax array.
+
+  Raises:
+    ValueError: a wrong shape (names NCHW, a missing batch axis, size, channels) or
+      dtype; on concrete values also NaN/Inf, values outside the range, or the [0, 1]
+      guard. Traced values (under jax.jit) get the shape and dtype checks only.
+  """
+  if not hasattr(images, 'dtype'):
+    images = np.asarray(images)
+  check_batch_shape(np.shape(images), isize, nc)
+  (low, high), guard = _value_range(np.dtype(images.dtype), value_range)
+  if not _is_traced(images):
+    if not isinstance(images, np.ndarray):
+      images = np.asarray(images)
+    _check_values(images, low, high, guard)
+  if _concrete(low, high) and (low, high) == (0, 255) and images.dtype == np.uint8:
+    return to_float(images)
+  if _concrete(low, high) and (low, high) == (-1, 1):
+    return images.astype(np.float32)
+  scaled = (images.astype(np.float32) - low) * (2.0 / (high - low)) - 1.0
+  return scaled.astype(np.float32)
+
+
+def _is_traced(images) -> bool:
+  """True for abstract values inside jax transformations (their values are unknown)."""
+  import jax  # noqa: PLC0415  (only when scoring; the data pipeline itself is numpy)
+
+  return isinstance(images, jax.core.Tracer)
 
 
 def _convert_mode(img: Image.Image, nc: int) -> Image.Image:

@@ -125,12 +125,14 @@ def convert_network(state_dict: Mapping, table: dict, what: str) -> dict:
   unexpected = sorted(set(state_dict) - set(table))
   missing = sorted(set(table) - set(state_dict))
   if unexpected or missing:
-    parts = [f'unexpected key {k!r} (shape {tuple(np.shape(state_dict[k]))})' for k in unexpected]
-    parts += [f'missing key {k!r} (expected shape {table[k][3]})' for k in missing]
+    parts = [f'missing key {k!r} (expected shape {table[k][3]})' for k in missing[:4]]
+    parts += [f'unexpected key {k!r} (shape {np.shape(state_dict[k])})' for k in unexpected[:4]]
+    more = len(missing) + len(unexpected) - len(parts)
     raise ValueError(
-      f'{what} state_dict does not fit the model of this config: '
-      + '; '.join(parts[:8])
-      + (f' (and {len(parts) - 8} more)' if len(parts) > 8 else '')
+      f'{what} state_dict does not fit the model of this config ({len(missing)} missing, '
+      f'{len(unexpected)} unexpected keys): '
+      + '; '.join(parts)
+      + (f'; {more} more' if more else '')
       + '. Check isize, nc, model.ngf, model.ndf and model.nz against the reference run.'
     )
   variables = {'params': {}, 'batch_stats': {}}

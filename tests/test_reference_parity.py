@@ -242,14 +242,20 @@ def test_params_equal_reference(ref, trained, after):
 @pytest.mark.parametrize('after', ['step1', 'step3'])
 def test_running_statistics_equal_reference(ref, trained, after):
   """Both networks' running mean and var after steps 1 and 3 (G: one EMA update per
-  step; D: three, as the reference runs D on x, G(x) and G(x) again; unbiased var)."""
+  step; D: three, as the reference runs D on x, G(x) and G(x) again; unbiased var).
+
+  Step 1 sees the same weights as the reference: 1e-5 (measured 4e-7). Steps 2 and 3
+  see weights that differ in the few entries the params test allows (one entry of up_3
+  by 0.2 lr), which moves up_bn_3's running mean by 1e-5 of its size (measured 9.6e-6):
+  1e-4 there. The mistakes of the README's list move the statistics by 4e-3 to 0.4.
+  """
   g, d, _ = trained[after]
   expected = variables(ref, after)
   errors = tree_relative(
     {'generator': g.batch_stats, 'discriminator': d.batch_stats},
     {k: expected[k]['batch_stats'] for k in expected},
   )
-  assert max(errors.values()) < FORWARD_RTOL, show(errors)
+  assert max(errors.values()) < (FORWARD_RTOL if after == 'step1' else 1e-4), show(errors)
 
 
 def one_batch_statistics(variables_of_net, model, x, **kwargs):

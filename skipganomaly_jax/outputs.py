@@ -20,10 +20,10 @@ PROTOCOL_NOTE = (
 )
 
 SCORE_NOTE = (
-  "auroc, average_precision, f1, threshold: of score_kind's score ('latent_knn': cosine "
-  f"distance of G's bottleneck code to its {KNN_K} nearest training-normal codes; 'paper': "
-  'lam * rec + (1 - lam) * lat, lam = config.score_lambda). paper_score_auroc: always '
-  'the paper score.'
+  'paper_score_auroc: the paper score (lam * rec + (1 - lam) * lat, lam = '
+  "config.score_lambda); latent_knn_auroc: cosine distance of G's bottleneck code to its "
+  f'{KNN_K} nearest training-normal codes; both always. auroc, average_precision, f1, '
+  "threshold: of score_kind's score."
 )
 
 

@@ -4,10 +4,10 @@ Two scores, both with BatchNorm in eval mode (running averages), so each image's
 is independent of the rest of the batch (the reference scores with batch statistics;
 see docs/deviations.md):
 
-- 'paper' (Skip-GANomaly's): score(x) = lam * rec(x) + (1 - lam) * lat(x), lam = 0.9,
-  rec(x) = mean over pixels and channels of (x - G(x))^2, lat(x) = mean over D's nz
-  features of (f(x) - f(G(x)))^2.
-- 'latent_knn' (our default): the cosine distance from G's bottleneck code of x to its
+- 'paper' (Skip-GANomaly's, the default): score(x) = lam * rec(x) + (1 - lam) * lat(x),
+  lam = 0.9, rec(x) = mean over pixels and channels of (x - G(x))^2, lat(x) = mean over
+  D's nz features of (f(x) - f(G(x)))^2.
+- 'latent_knn' (an option): the cosine distance from G's bottleneck code of x to its
   k = 5 nearest codes of training normals ("knn_bank", stored with the checkpoint):
   1 - mean of the 5 largest cosine similarities. Why: on real MNIST digits the paper's
   score ranks by how much ink an image has more than by what it shows (the U-Net's skips

@@ -129,13 +129,13 @@ def build_knn_bank(run: Run, variables):
   """Unit-norm bottleneck codes of (up to config.knn_bank_size) training normals.
 
   Eval-mode BatchNorm, the model being evaluated; a seeded subset when the training set
-  is larger than the cap. Validation and test images are never in the bank.
+  is larger than the cap. Validation and test images are never in the bank. Built at
+  every evaluation whatever the score kind (every evaluation reports both scores); it
+  is stored with the checkpoint only for score_kind='latent_knn'.
 
   Returns:
-    (M, code) float32, replicated on the mesh; None for the paper score.
+    (M, code) float32, replicated on the mesh.
   """
-  if run.config.score_kind != 'latent_knn':
-    return None
   train, cap = run.splits.train, run.config.knn_bank_size
   if len(train) > cap:
     pick = np.random.default_rng([run.config.seed, 2]).choice(len(train), cap, replace=False)
@@ -209,18 +209,25 @@ def evaluate_epoch(run: Run, g, d, epoch: int, step: int):
   """Builds the k-NN bank, calibrates on validation normals, evaluates on the test set.
 
   Returns:
-    (report, calibration, test_scores, knn_bank); the report's 'auroc' etc. are of
-    config.score_kind's score, 'paper_score_auroc' always of the paper's.
+    (report, calibration, test_scores, knn_bank); the report leads with
+    'paper_score_auroc' and 'latent_knn_auroc' (both scores, always), then 'auroc' etc.
+    of config.score_kind's score; knn_bank is None unless that is 'latent_knn'.
   """
   knn_bank = build_knn_bank(run, scoring_variables(g, d))
-  variables = scoring_variables(g, d, knn_bank)
-  val_scores = run.scorer(variables, run.splits.val)['score']
+  variables = scoring_variables(g, d, knn_bank)  # 'score' is then the latent k-NN one.
+  key = 'score' if run.config.score_kind == 'latent_knn' else 'paper_score'
+  val_scores = run.scorer(variables, run.splits.val)[key]
   calibration = metrics.Calibration.fit(val_scores, run.config.threshold_percentile)
   test = run.scorer(variables, run.splits.test)
-  test_scores = test['score']
-  report = metrics.evaluate(run.splits.test_labels, test_scores, calibration)
+  test_scores, labels = test[key], run.splits.test_labels
+  report = {
+    'paper_score_auroc': metrics.auroc(labels, test['paper_score']),
+    'latent_knn_auroc': metrics.auroc(labels, test['score']),
+    **metrics.evaluate(labels, test_scores, calibration),
+  }
   report.update(epoch=epoch, step=step, val_score=float(np.mean(val_scores)))
-  report['paper_score_auroc'] = metrics.auroc(run.splits.test_labels, test['paper_score'])
+  if key != 'score':
+    knn_bank = None  # The paper score's checkpoints and params carry no bank.
   if run.config.protocol == 'reference':
     # On one local device in each process: host copies of the global arrays.
     ref = run.scorer.reference_protocol(jax.device_get(variables), run.splits.test)
@@ -297,11 +304,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _summary(report: dict) -> str:
   keys = (
+    'paper_score_auroc',
+    'latent_knn_auroc',
     'auroc',
     'average_precision',
     'f1',
     'val_score',
-    'paper_score_auroc',
     'reference_protocol_auroc',
   )
   return ', '.join(f'{k}={report[k]:.4f}' for k in keys if k in report)

@@ -1,4 +1,4 @@
-"""Labelled image pools: the offline MNIST digits, folder datasets and TFDS datasets.
+"""Labelled image pools: offline MNIST digits, in-memory arrays (.npz), folders and TFDS.
 
 Each source returns a `Pool`: every image of its train and test splits, preprocessed to
 uint8 (isize, isize, nc), with its class label and split. The protocols in `splits` turn a
@@ -10,6 +10,7 @@ import functools
 import gzip
 import importlib.resources
 import os
+import zipfile
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from skipganomaly_jax.data import images as images_lib
 
 MNIST_OFFLINE = 'mnist_offline'
 FOLDER = 'folder'
+ARRAYS = 'arrays'
 DIGITS = tuple(str(d) for d in range(10))
 # Folder datasets: the reference's layout (split folder, class folders).
 FOLDER_LAYOUT = (('train', '0.normal'), ('test', '0.normal'), ('test', '1.abnormal'))
@@ -30,14 +32,15 @@ class Pool:
   Attributes:
     images: uint8 (N, isize, isize, nc).
     labels: int64 (N,) class indices into class_names.
-    is_test: bool (N,): True for images of the test split.
+    is_test: bool (N,): True for images of the test split; None for a source without
+      splits (an arrays file without 'is_test'), which only the pooled protocol accepts.
     class_names: the source's class names, by index.
     paths: the file of each image (folder datasets only).
   """
 
   images: np.ndarray
   labels: np.ndarray
-  is_test: np.ndarray
+  is_test: np.ndarray | None
   class_names: tuple[str, ...]
   paths: tuple[str, ...] | None = None
 
@@ -108,6 +111,112 @@ def mnist_offline_pool(isize: int, nc: int, seed: int) -> Pool:
   _, labels = _mnist_5k()
   images = _mnist_5k_resized(isize, nc)
   return Pool(images, labels.copy(), stratified_test_split(labels, 0.2, seed), DIGITS)
+
+
+# ----------------------------------------------------------------------------- arrays (.npz)
+
+
+def _npz_error(path: str, problem: str) -> ValueError:
+  return ValueError(
+    f'{path}: {problem}. An arrays dataset is an .npz with images (N, H, W, C) uint8 '
+    '(C = 1, 3 or 4), labels (N,) int, optional class_names (K,) str and optional '
+    'is_test (N,) bool; write it with np.savez(path, images=..., labels=...).'
+  )
+
+
+def _read_npz(path: str) -> dict:
+  """The arrays of an .npz (no pickled objects), with a message naming a bad file."""
+  if not path:
+    raise FileNotFoundError(
+      "dataset 'arrays' needs --config.dataset.path=/path/to/data.npz (images, labels)."
+    )
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f'No such arrays file: {path}. Set --config.dataset.path to an existing .npz.'
+    )
+  if not zipfile.is_zipfile(path):  # np.load would try to unpickle it.
+    raise _npz_error(path, 'is not an .npz (zip) file')
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      return {k: npz[k] for k in npz.files}
+  except ValueError as e:  # Object arrays (pickled), e.g. class_names as a list of objects.
+    raise _npz_error(
+      path, f'cannot be read without pickle ({e}); store strings as a str array'
+    ) from e
+  except (OSError, EOFError, zipfile.BadZipFile) as e:  # Truncated.
+    raise _npz_error(path, f'is not a readable .npz ({e})') from e
+
+
+def _check_arrays(path: str, data: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """Validated (images, labels as int64, is_test as bool or None)."""
+  missing = [k for k in ('images', 'labels') if k not in data]
+  if missing:
+    raise _npz_error(path, f'missing key(s) {missing} (it has {sorted(data)})')
+  images, labels = data['images'], data['labels']
+  if images.dtype != np.uint8:
+    raise _npz_error(path, f'images must be uint8 in [0, 255], got dtype {images.dtype}')
+  if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+    raise _npz_error(path, f'images must have shape (N, H, W, C), C in 1/3/4; got {images.shape}')
+  if not len(images):
+    raise _npz_error(path, 'images is empty')
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise _npz_error(
+      path, f'labels must be a 1-D int array; got dtype {labels.dtype}, shape {labels.shape}'
+    )
+  if len(labels) != len(images):
+    raise _npz_error(path, f'{len(images)} images but {len(labels)} labels')
+  if labels.min() < 0:
+    raise _npz_error(path, f'labels must be >= 0 (class indices); found {labels.min()}')
+  is_test = data.get('is_test')
+  if is_test is not None:
+    if is_test.dtype != np.bool_ or is_test.shape != labels.shape:
+      raise _npz_error(
+        path,
+        f'is_test must be bool of shape ({len(labels)},); got dtype {is_test.dtype}, '
+        f'shape {is_test.shape}',
+      )
+  return images, labels.astype(np.int64), is_test
+
+
+def arrays_class_names(path: str, data: dict, labels: np.ndarray) -> tuple[str, ...]:
+  """The file's class_names, or '0'..'K-1' for K = max label + 1."""
+  if 'class_names' not in data:
+    return tuple(str(i) for i in range(int(labels.max()) + 1))
+  names = data['class_names']
+  if names.ndim != 1 or names.dtype.kind not in 'US':
+    raise _npz_error(path, f'class_names must be a 1-D str array; got {names.dtype} {names.shape}')
+  names = tuple(str(n.decode() if isinstance(n, bytes) else n) for n in names)
+  if int(labels.max()) >= len(names):
+    raise _npz_error(path, f'label {labels.max()} has no name in class_names ({len(names)})')
+  return names
+
+
+def arrays_pool(path: str, isize: int, nc: int) -> Pool:
+  """An .npz of images and labels as a pool (see `_npz_error` for the format).
+
+  Args:
+    path: the .npz file.
+    isize: output size (images of another size: shorter side resized, centre-cropped).
+    nc: output channels (converted as for image files).
+
+  Returns:
+    The pool; `is_test` is the file's, or None when the file has none (then only the
+    pooled 'ganomaly' protocol applies; `splits` checks that).
+
+  Raises:
+    FileNotFoundError: no path, or no such file.
+    ValueError: a missing key, wrong dtype, rank or length (the message names the file).
+  """
+  data = _read_npz(path)
+  images, labels, is_test = _check_arrays(path, data)
+  names = arrays_class_names(path, data, labels)
+  if images.shape[1:] != (isize, isize, nc):
+    images = images_lib.stack(
+      images_lib.parallel_map(lambda a: images_lib.preprocess_array(a, isize, nc), list(images)),
+      isize,
+      nc,
+    )
+  return Pool(images, labels, is_test, names)
 
 
 # ----------------------------------------------------------------------------- folders
@@ -191,7 +300,7 @@ def tfds_builder(name: str, data_dir: str):
     builder = tfds.builder(name, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(
-      f"Unknown dataset {name!r}: use '{MNIST_OFFLINE}', '{FOLDER}' or a TFDS image "
+      f"Unknown dataset {name!r}: use '{MNIST_OFFLINE}', '{FOLDER}', '{ARRAYS}' or a TFDS image "
       f'classification dataset name (mnist, fashion_mnist, cifar10, ...). ({e})'
     ) from e
   if not builder.is_prepared():

@@ -9,6 +9,8 @@ Then a seeded random `val_fraction` of the normal training images (at least one 
 val_fraction > 0; `np.random.default_rng([seed, 1])`) moves from train to validation.
 Folder datasets use their own train/test folders (the 'one_class' rule, abnormal =
 '1.abnormal'); the offline digits are one pool, split 80/20 per digit into 'train'/'test'.
+An arrays file (.npz) without 'is_test' has no splits: it takes the pooled 'ganomaly'
+protocol only, and asking for 'one_class' is an error (never a silent fallback).
 """
 
 import dataclasses
@@ -101,7 +103,8 @@ def protocol_indices(
 
   Args:
     labels: int (N,) class labels of the pool.
-    is_test: bool (N,): the pool's test-split images.
+    is_test: bool (N,): the pool's test-split images; None if the pool has no split
+      (only 'ganomaly' then applies).
     abnormal: the abnormal class index.
     protocol: 'one_class' or 'ganomaly'.
     seed: seeds the 'ganomaly' shuffle and the validation slice.
@@ -112,6 +115,14 @@ def protocol_indices(
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f'config.dataset.protocol must be one of {PROTOCOLS}, got {protocol!r}.')
+  if is_test is None:
+    if protocol != 'ganomaly':
+      raise ValueError(
+        f"Protocol {protocol!r} needs the pool's own train/test split, and this dataset has "
+        "none (an arrays .npz without 'is_test'): set --config.dataset.protocol=ganomaly "
+        "(pooled, seeded 80/20) or add a bool 'is_test' array to the file."
+      )
+    is_test = np.zeros(len(labels), bool)
   normal = labels != abnormal
   normal_train = np.flatnonzero(normal & ~is_test)
   normal_test = np.flatnonzero(normal & is_test)
@@ -120,6 +131,12 @@ def protocol_indices(
     pooled = pooled[np.random.default_rng(seed).permutation(len(pooled))]
     n_train = int(len(pooled) * GANOMALY_TRAIN_FRACTION)
     normal_train, normal_test = pooled[:n_train], pooled[n_train:]
+  if not len(normal_train):
+    raise ValueError(
+      f'No normal training images with abnormal class {abnormal} under protocol '
+      f'{protocol!r}: every image is of that class or in the test split. Pick another '
+      '--config.dataset.abnormal_class or protocol, or add normal training images.'
+    )
   train, val = _validation_slice(normal_train, val_fraction, seed)
   test_abnormal = np.concatenate(
     [np.flatnonzero(~normal & ~is_test), np.flatnonzero(~normal & is_test)]
@@ -134,6 +151,15 @@ def _load_pool(config) -> tuple[sources.Pool, int, str]:
     return sources.folder_pool(ds.root, isize, nc), 1, 'one_class'
   if ds.protocol not in PROTOCOLS:  # Checked before any image is read.
     raise ValueError(f'config.dataset.protocol must be one of {PROTOCOLS}, got {ds.protocol!r}.')
+  if ds.name == sources.ARRAYS:
+    pool = sources.arrays_pool(ds.path, isize, nc)
+    abnormal = resolve_class(ds.abnormal_class, pool.class_names, f'{ds.name} ({ds.path})')
+    if not np.any(pool.labels == abnormal):
+      raise ValueError(
+        f'{ds.path} has no image of the abnormal class {pool.class_names[abnormal]!r} '
+        f'(label {abnormal}): pick another --config.dataset.abnormal_class.'
+      )
+    return pool, abnormal, ds.protocol
   if ds.name == sources.MNIST_OFFLINE:
     abnormal = resolve_class(ds.abnormal_class, sources.DIGITS, ds.name)
     return sources.mnist_offline_pool(isize, nc, ds.seed), abnormal, ds.protocol
@@ -146,7 +172,7 @@ def load_splits(config) -> DataSplits:
   """Loads config.dataset and applies its protocol and validation slice.
 
   Args:
-    config: reads dataset.{name, data_dir, root, abnormal_class, protocol, seed,
+    config: reads dataset.{name, data_dir, root, path, abnormal_class, protocol, seed,
       val_fraction}, isize, nc and batch_size (the global training batch).
 
   Returns:

@@ -34,6 +34,7 @@ from skipganomaly_jax import checkpointing, torch_weights, train
 from skipganomaly_jax import train_step as ts
 from skipganomaly_jax.models import ModelSpec
 
+IMPORT_RECORD = 'imported_from.json'  # Where the weights came from, and their evaluation.
 TORCH_HINT = "reading .pth files needs torch: pip install -e '.[torch]' (or pip install torch)"
 
 
@@ -82,7 +83,7 @@ def imported_states(config, netg: dict, netd: dict):
   return fill(g, variables['generator']), fill(d, variables['discriminator'])
 
 
-def _save_uncalibrated(config, workdir: str, g, d, source: dict) -> None:
+def _save_uncalibrated(config, workdir: str, g, d) -> None:
   """The checkpoint layout of `train.save`, without calibration, k-NN bank or history."""
   meta = {
     'config': json.loads(config.to_json()),
@@ -90,7 +91,6 @@ def _save_uncalibrated(config, workdir: str, g, d, source: dict) -> None:
     'data_iterator': {'epoch': 0, 'step_in_epoch': 0},
     'history': [],
     'knn_bank_shape': None,
-    'imported_from': source,
   }
   with checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
     ckpt.save(0, {'g': g, 'd': d}, meta)
@@ -100,7 +100,7 @@ def _save_uncalibrated(config, workdir: str, g, d, source: dict) -> None:
 def import_state_dicts(
   config, workdir: str, netg: dict, netd: dict, calibrate: bool = True, source=None
 ) -> dict:
-  """Writes `workdir/checkpoints/0` from the reference's state dicts.
+  """Writes `workdir/checkpoints/0` (and `workdir/imported_from.json`) from state dicts.
 
   Args:
     config: the ConfigDict of the reference run (architecture and dataset).
@@ -108,7 +108,7 @@ def import_state_dicts(
     netg: G's state dict, {torch name: numpy array}.
     netd: D's state dict, likewise.
     calibrate: load the dataset to build the k-NN bank and calibration (when available).
-    source: JSON-serialisable provenance stored in the meta (e.g. the .pth paths).
+    source: JSON-serialisable provenance for imported_from.json (e.g. the .pth paths).
 
   Returns:
     The evaluation report (as after a training epoch), or {} when not calibrated.
@@ -133,17 +133,20 @@ def import_state_dicts(
     if config.score_kind != 'paper':
       logging.warning("No training images for the k-NN bank: score_kind set to 'paper'.")
       config.score_kind = 'paper'
-    _save_uncalibrated(config, workdir, g, d, source)
-    return {}
-  try:
-    g, d = ts.replicate((g, d), run.mesh)
-    report, calibration, _, knn_bank = train.evaluate_epoch(run, g, d, epoch=0, step=0)
-    report['imported_from'] = source
-    train.save(run, g, d, knn_bank, 0, [report], calibration, report['val_score'])
-    run.checkpointer.wait()
-  finally:
-    run.checkpointer.close()
-    run.writer.close()
+    _save_uncalibrated(config, workdir, g, d)
+    report = {}
+  else:
+    try:
+      g, d = ts.replicate((g, d), run.mesh)
+      report, calibration, _, knn_bank = train.evaluate_epoch(run, g, d, epoch=0, step=0)
+      # An empty history: training in this workdir then numbers its epochs from 1.
+      train.save(run, g, d, knn_bank, 0, [], calibration, report['val_score'])
+      run.checkpointer.wait()
+    finally:
+      run.checkpointer.close()
+      run.writer.close()
+  with open(os.path.join(workdir, IMPORT_RECORD), 'w') as f:
+    json.dump({'source': source, 'report': report}, f, indent=1)
   return report
 
 

@@ -71,6 +71,17 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool, stat_updates: int = 1):
+    """Normalises x (NHWC) per channel.
+
+    Args:
+      x: activations; the last axis holds the channels.
+      train: batch statistics (and `stat_updates` EMA updates of the running ones, except
+        at init), else the running statistics.
+      stat_updates: EMA updates in train mode.
+
+    Returns:
+      The normalised, scaled and shifted x, in `dtype`.
+    """
     features = (x.shape[-1],)
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))

@@ -4,6 +4,7 @@ The state dicts are the parity fixture's initial weights (tests/data), whose eva
 paper score of x0 the reference computed; an imported checkpoint must reproduce it.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def test_import_without_dataset_scores_like_the_reference(ref, tmp_path):
   error, params, stored, calibration = paper_score_of_x0(tmp_path, ref)
   assert error < FORWARD_RTOL
   assert calibration is None and 'knn_bank' not in params and stored.score_kind == 'paper'
+  assert json.loads((tmp_path / import_reference.IMPORT_RECORD).read_text())['report'] == {}
   # The paper score is then score_fn's score.
   scores = skipganomaly_jax.score_fn(params, np.asarray(nhwc(ref['x0'])))
   assert relative(scores, ref['init_eval/score']) < FORWARD_RTOL
@@ -115,6 +117,8 @@ def test_pth_import_calibrates_and_scores(ref, tmp_path):
   assert error < FORWARD_RTOL
   assert calibration is not None and params['knn_bank'].shape[1] == 8 * SPEC.ngf
   assert config.score_kind == 'latent_knn'
+  record = json.loads((workdir / import_reference.IMPORT_RECORD).read_text())
+  assert record['source']['reference_epoch'] == 4 and 0.0 <= record['report']['auroc'] <= 1.0
   images = tmp_path / 'images'
   images.mkdir()
   for i, x in enumerate(ref['x0'][:3]):

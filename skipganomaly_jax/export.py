@@ -144,7 +144,29 @@ def onnx_bytes(params, lam: float) -> bytes:
   # NHWC; onnxruntime then warns at every load. The annotations are optional (shapes
   # are inferred again at load), so drop them.
   del model.graph.value_info[:]
+  _drop_dead_nodes(model.graph)
   return model.SerializeToString()
+
+
+def _drop_dead_nodes(graph) -> None:
+  """Removes nodes and initializers that no graph output depends on, in place.
+
+  The traced scorer computes every term of both scores; the latent k-NN score needs only
+  G's encoder. XLA prunes the rest when it compiles, onnxruntime does not (measured:
+  it kept G's decoder and D), so prune here: the file shrinks and scoring runs faster.
+  """
+  needed = {output.name for output in graph.output}
+  keep = []
+  for node in reversed(graph.node):
+    if any(name in needed for name in node.output):
+      keep.append(node)
+      needed.update(name for name in node.input if name)
+  keep.reverse()
+  initializers = [init for init in graph.initializer if init.name in needed]
+  del graph.node[:]
+  graph.node.extend(keep)
+  del graph.initializer[:]
+  graph.initializer.extend(initializers)
 
 
 def _params_digest(params) -> str:

@@ -10,6 +10,7 @@ measured at most 1.4e-5 (ONNX) and 5e-6 (StableHLO) relative. A wrong weight, ba
 scaling, lam or BatchNorm mode moves scores by far more than 1e-4.
 """
 
+import hashlib
 import json
 import os
 import runpy
@@ -242,3 +243,14 @@ def test_unknown_format_is_an_error(runs):
 def test_both_formats_share_one_detector_json(onnx_runs):
   meta = exported.load_exported(os.path.join(onnx_runs['paper'], 'export'), 'onnx').metadata
   assert sorted(meta['models']) == ['onnx', 'stablehlo']
+
+
+def test_file_that_does_not_deserialize_is_named(copied):
+  # A file that matches its (rewritten) sha256 but is not a serialized module.
+  data = (copied / 'scorer.stablehlo').read_bytes()[:1000]
+  (copied / 'scorer.stablehlo').write_bytes(data)
+  meta = json.loads((copied / 'detector.json').read_text())
+  meta['models']['stablehlo'] |= {'bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+  (copied / 'detector.json').write_text(json.dumps(meta))
+  with pytest.raises(exported.ExportError, match='scorer.stablehlo does not load'):
+    exported.load_exported(str(copied))

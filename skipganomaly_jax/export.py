@@ -118,11 +118,11 @@ def _input_aval(spec: ModelSpec, batch):
 
 def stablehlo_export(params, lam: float, platforms=STABLEHLO_PLATFORMS):
   """The scorer as a `jax.export.Exported`, symbolic batch size 'b'."""
-  # The fast CPU kernels are chosen by the backend at trace time; off a CPU host 'auto'
-  # would pick lax for the CPU branch, so force the fast forms there.
   (batch,) = jax.export.symbolic_shape('b')
   aval = _input_aval(ModelSpec.from_variables(params), batch)
   params = jax.tree.map(jnp.asarray, params)  # One copy of the constants for both.
+  # The fast CPU kernels are chosen by the backend at trace time; off a CPU host 'auto'
+  # would pick lax for the CPU branch, so force the fast forms there.
   cpu_impl = 'auto' if jax.default_backend() == 'cpu' else 'fast'
   cpu = live_only(scorer(params, lam, cpu_impl), aval)
   other = live_only(scorer(params, lam, 'lax'), aval)

@@ -144,6 +144,12 @@ def test_detector_json_records_the_contract(runs):
   assert entry['bytes'] == os.path.getsize(os.path.join(export_dir, entry['file']))
   paper = json.loads(open(os.path.join(runs['paper'], 'export', 'detector.json')).read())
   assert paper['score_kind'] == 'paper'
+  # Pruned to what the score needs: G's encoder and the bank, not G's decoder or D.
+  g = params['generator']
+  encoder = [g[c][k] for c in ('params', 'batch_stats') for k in g[c] if k.startswith('down_')]
+  live = sum(np.asarray(a).nbytes for a in jax.tree.leaves([encoder, params['knn_bank']]))
+  weights = sum(np.asarray(a).nbytes for a in jax.tree.leaves(params))
+  assert live < entry['bytes'] < 1.1 * live < weights
 
 
 def test_standalone_loader_scores_without_the_package(runs, tmp_path):

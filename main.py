@@ -6,13 +6,14 @@
     python main.py --config=configs/demo.py --workdir=runs/demo --mode=eval
     python main.py --config=configs/demo.py --workdir=runs/demo --mode=score \
         --images=path/to/folder --maps
+    python main.py --workdir=runs/demo --mode=export [--format=onnx]
 """
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from skipganomaly_jax import api, train
+from skipganomaly_jax import api, export, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -20,10 +21,12 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and output
 flags.DEFINE_enum(
   'mode',
   'train',
-  ['train', 'eval', 'score'],
+  ['train', 'eval', 'score', 'export'],
   'train (resumes if workdir has checkpoints), eval (rebuild outputs from '
-  'a checkpoint) or score (score --images with the stored calibration).',
+  'a checkpoint), score (score --images with the stored calibration) or export '
+  '(write WORKDIR/export/: a model file and detector.json).',
 )
+flags.DEFINE_enum('format', 'stablehlo', ['stablehlo', 'onnx'], 'export: the model file format.')
 flags.DEFINE_string('checkpoint', 'latest', "eval/score: 'latest', 'best' or a step.")
 flags.DEFINE_string('images', None, 'score: an image file or a folder of images.')
 flags.DEFINE_bool('maps', False, 'score: also write anomaly-map PNGs.')
@@ -76,6 +79,8 @@ def main(argv):
       f'{report["latent_knn_auroc"]:.4f}; {FLAGS.checkpoint} checkpoint); outputs rewritten '
       f'in {FLAGS.workdir}/'
     )
+  elif FLAGS.mode == 'export':
+    print('Exported to', export.export_run(FLAGS.workdir, FLAGS.format, FLAGS.checkpoint))
   else:
     if not FLAGS.images:
       raise app.UsageError('--mode=score needs --images=PATH (a file or a folder).')

@@ -38,6 +38,7 @@ from jax.extend import core as jex
 
 import skipganomaly_jax
 from skipganomaly_jax import scoring
+from skipganomaly_jax.data.images import to_float
 from skipganomaly_jax.exported import (
   DETECTOR_JSON,
   DETECTOR_VERSION,
@@ -73,12 +74,11 @@ def scorer(params, lam: float, conv_impl: str = 'auto'):
     The scoring function; equal to `score_fn(params, images, lam=lam)` on uint8 images.
   """
   spec = dataclasses.replace(ModelSpec.from_variables(params), conv_impl=conv_impl)
-  scoring.check_knn_bank(params, spec)
+  scoring._check_knn_bank(params, spec)  # Package-internal helpers of the one formula.
   constants = jax.tree.map(jnp.asarray, params)
 
   def scores(images):
-    x = images.astype(jnp.float32) / 127.5 - 1.0  # As score_fn scales uint8 images.
-    return scoring.score_terms(constants, x, lam, spec)['score']
+    return scoring._score_terms(constants, to_float(images), lam, spec)['score']
 
   return scores
 

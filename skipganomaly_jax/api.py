@@ -10,8 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from skipganomaly_jax import checkpointing, input_pipeline, metrics, outputs
-from skipganomaly_jax import train_step as ts
+from skipganomaly_jax import checkpointing, input_pipeline, metrics, outputs, training_step
 from skipganomaly_jax.scoring import score_details, scoring_variables
 
 
@@ -66,7 +65,7 @@ def load(workdir: str, which='latest'):
     step = _step(ckpt, which)
     stored = ckpt.restore_meta(step)
     config = ml_collections.ConfigDict(stored['config'])
-    g, d = jax.eval_shape(lambda: ts.create_train_states(config, jax.random.key(0)))
+    g, d = jax.eval_shape(lambda: training_step.create_train_states(config, jax.random.key(0)))
     target = {'g': g, 'd': d}
     if stored.get('knn_bank_shape'):  # Runs scored with the latent k-NN score.
       target['knn_bank'] = jax.ShapeDtypeStruct(tuple(stored['knn_bank_shape']), np.float32)

@@ -17,9 +17,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from skipganomaly_jax import input_pipeline
+from skipganomaly_jax.mesh import AXIS, shard_batch
 from skipganomaly_jax.models import ModelSpec
 from skipganomaly_jax.scoring import score_terms
-from skipganomaly_jax.train_step import AXIS, shard_batch
 
 REFERENCE_BATCH = 64  # The reference's test batch size.
 

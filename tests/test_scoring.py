@@ -4,8 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from skipganomaly_jax import score_fn
-from skipganomaly_jax import train_step as ts
+from skipganomaly_jax import score_fn, training_step
 from skipganomaly_jax.models import ModelSpec
 from skipganomaly_jax.scoring import (
   knn_distance,
@@ -21,7 +20,7 @@ def params():
 
   config = conftest.tiny(conftest.load_config('default'))
   config.nc = 1
-  g, d = ts.create_train_states(config, jax.random.key(0))
+  g, d = training_step.create_train_states(config, jax.random.key(0))
   # Non-trivial running statistics, as after training.
   d = d.replace(batch_stats=jax.tree.map(lambda v: v + 0.3, d.batch_stats))
   return scoring_variables(g, d)

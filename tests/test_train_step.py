@@ -5,18 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from skipganomaly_jax import train_step as ts
+from skipganomaly_jax import training_step
 from skipganomaly_jax.models import reinit_params
 
 
 def jitted_step(config):
-  return jax.jit(lambda g, d, x, k: ts.train_step(g, d, x, k, config=config))
+  return jax.jit(lambda g, d, x, k: training_step.train_step(g, d, x, k, config=config))
 
 
 def run_steps(config, batch, seed: int, num_steps: int = 8):
   """(g, d, last metrics, G losses) after num_steps jitted steps on one batch."""
   step = jitted_step(config)
-  g, d = ts.create_train_states(config, jax.random.key(seed))
+  g, d = training_step.create_train_states(config, jax.random.key(seed))
   losses = []
   for i in range(num_steps):
     g, d, metrics = step(g, d, batch, jax.random.key(i))
@@ -52,7 +52,7 @@ def test_few_steps_reduce_generator_loss(tiny_config, batch):
 
 
 def test_metrics_are_the_weighted_terms(tiny_config, batch):
-  g, d = ts.create_train_states(tiny_config, jax.random.key(1))
+  g, d = training_step.create_train_states(tiny_config, jax.random.key(1))
   _, _, m = jitted_step(tiny_config)(g, d, batch, jax.random.key(0))
   lc = tiny_config.loss
   np.testing.assert_allclose(
@@ -66,7 +66,7 @@ def test_metrics_are_the_weighted_terms(tiny_config, batch):
 
 
 def test_reinit_guard_fires_only_below_threshold(tiny_config, batch):
-  g0, d0 = ts.create_train_states(tiny_config, jax.random.key(2))
+  g0, d0 = training_step.create_train_states(tiny_config, jax.random.key(2))
   key = jax.random.key(7)
   normal_cfg = tiny_config.copy_and_resolve_references()
   _, d_normal, m_normal = jitted_step(normal_cfg)(g0, d0, batch, key)
@@ -88,7 +88,7 @@ def test_reinit_guard_fires_only_below_threshold(tiny_config, batch):
 
 
 def test_discriminator_latent_switch(tiny_config, batch):
-  g0, d0 = ts.create_train_states(tiny_config, jax.random.key(3))
+  g0, d0 = training_step.create_train_states(tiny_config, jax.random.key(3))
   off = tiny_config.copy_and_resolve_references()
   off.loss.d_latent = False
   _, _, m_on = jitted_step(tiny_config)(g0, d0, batch, jax.random.key(0))
@@ -112,4 +112,4 @@ def test_bfloat16_compute_trains_with_float32_params(tiny_config, batch):
 def test_bad_dtype_is_rejected(tiny_config):
   tiny_config.dtype = 'float16'
   with pytest.raises(ValueError, match="'float32' or 'bfloat16'"):
-    ts.compute_dtype(tiny_config)
+    training_step.compute_dtype(tiny_config)

@@ -1,7 +1,7 @@
 """Detection quality per abnormal class: our protocol beside the reference's, one run each.
 
 For every (abnormal class, seed) cell it trains with the given config (with
-`protocol='reference'`, which additionally scores the test set the reference's way after
+`eval_protocol='reference'`, which additionally scores the test set the reference's way after
 every epoch without touching our running statistics) and records:
   - ours_last: AUROC / AP of the run's score (config.score_kind: latent k-NN by
     default, or the paper's) with eval-mode BatchNorm, model of the last epoch;
@@ -71,7 +71,7 @@ def build_config(config_path: str, overrides: list[str], abnormal: str, seed: in
   config.dataset.abnormal_class = abnormal
   config.dataset.seed = seed
   config.seed = seed
-  config.protocol = 'reference'
+  config.eval_protocol = 'reference'
   return config
 
 

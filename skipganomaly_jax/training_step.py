@@ -32,19 +32,13 @@ from jax.sharding import PartitionSpec as P
 from skipganomaly_jax import losses
 from skipganomaly_jax.mesh import AXIS
 from skipganomaly_jax.models import ModelSpec, reinit_params
+from skipganomaly_jax.run_config import compute_dtype
 
 
 class TrainState(train_state.TrainState):
   """Flax TrainState plus BatchNorm running statistics; `apply_fn` is unused (None)."""
 
   batch_stats: Any = None
-
-
-def compute_dtype(config):
-  """The compute dtype named by `config.dtype` ('float32' or 'bfloat16')."""
-  if config.dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f"config.dtype must be 'float32' or 'bfloat16'; got {config.dtype!r}.")
-  return jnp.dtype(config.dtype)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from skipganomaly_jax import training_step
+from skipganomaly_jax import run_config, training_step
 from skipganomaly_jax.models import reinit_params
 
 
@@ -111,5 +111,5 @@ def test_bfloat16_compute_trains_with_float32_params(tiny_config, batch):
 
 def test_bad_dtype_is_rejected(tiny_config):
   tiny_config.dtype = 'float16'
-  with pytest.raises(ValueError, match="'float32' or 'bfloat16'"):
-    training_step.compute_dtype(tiny_config)
+  with pytest.raises(ValueError, match="config.dtype must be one of \\('float32', 'bfloat16'\\)"):
+    run_config.compute_dtype(tiny_config)

@@ -5,12 +5,14 @@ paper score with lambda = 0.5, bfloat16 compute and the reference evaluation pro
 """
 
 import json
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import load_config, tiny
+from conftest import ROOT, load_config, tiny
 from PIL import Image
 
 from skipganomaly_jax import api, input_pipeline, metrics, run_config, score_details, train
@@ -147,3 +149,13 @@ def test_stored_config_with_an_unknown_value_is_refused():
   stored['score_kind'] = 'pixel_knn'
   with pytest.raises(ValueError, match='config.score_kind must be one of'):
     run_config.from_stored(stored)
+
+
+def test_loading_and_evaluation_need_no_training_code():
+  code = (
+    'import sys; import skipganomaly_jax.api, skipganomaly_jax.evaluation; '
+    "print(sorted(m for m in ('optax', 'skipganomaly_jax.training_step', "
+    "'skipganomaly_jax.losses') if m in sys.modules))"
+  )
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0 and out.stdout.strip() == '[]', out.stderr[-2000:]

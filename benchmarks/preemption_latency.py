@@ -4,7 +4,8 @@
 
 Each scenario starts a fresh run of --config (default: the offline demo with the paper's
 model, ngf=ndf=64), waits for its moment, sends SIGTERM and times the exit. Moments:
-- 'startup': 2 s after the first log line (data loading, initialisation, first compile);
+- 'startup': 2 s after the first log line (data loading, initialisation);
+- 'first step': at the 'Training from step' line, while the first step compiles;
 - 'training': right after the first logged training step (step 10 of the demo);
 - 'evaluation start': right after the last training step is logged, while the
   evaluation functions compile;
@@ -30,6 +31,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCENARIOS = (
   ('startup', 'started', 2.0),
+  ('first step', 'training_from', 0.0),
   ('training', 'first_step', 0.0),
   ('evaluation start', 'last_step', 0.0),
   ('evaluation', 'last_step', 6.0),
@@ -45,8 +47,9 @@ def train_steps(workdir: pathlib.Path) -> list[int]:
 
 
 def reached(moment: str, workdir: pathlib.Path, log: pathlib.Path, last_step: int) -> bool:
-  if moment == 'started':
-    return log.is_file() and 'JAX process' in log.read_text()
+  if moment in ('started', 'training_from'):
+    line = 'JAX process' if moment == 'started' else 'Training from step'
+    return log.is_file() and line in log.read_text()
   steps = train_steps(workdir)
   return bool(steps) and (moment == 'first_step' or steps[-1] >= last_step)
 
@@ -128,13 +131,15 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=1)
   parser.add_argument('--out', default=str(ROOT / 'benchmarks/results/preemption_latency.json'))
   parser.add_argument('--allgather_processes', type=int, default=0)
+  parser.add_argument('--moments', default='', help='comma-separated subset of the moments')
   args = parser.parse_args()
   if args.allgather_processes:
     per_check = time_allgather(args.allgather_processes)
     print(f'all-gather check: {", ".join(f"{s * 1e3:.2f} ms" for s in per_check)} per process')
     return
   rows = []
-  for name, moment, delay in SCENARIOS:
+  wanted = set(args.moments.split(',')) if args.moments else {name for name, _, _ in SCENARIOS}
+  for name, moment, delay in (s for s in SCENARIOS if s[0] in wanted):
     for _ in range(args.repeats):
       with tempfile.TemporaryDirectory() as base:
         row = {

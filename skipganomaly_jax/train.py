@@ -188,6 +188,7 @@ def train_epoch(ctx: TrainingContext, g, d, step: int, stop: PreemptionFlag):
     for i in range(position['step_in_epoch'], ctx.steps_per_epoch):
       batch = shard_batch(next(ctx.train_iter), ctx.mesh)
       g, d, m = ctx.step_fn(g, d, batch, jax.random.fold_in(key, step))
+      stop.arm()  # After the first step's compilation (see preemption.py).
       if pending:
         jax.block_until_ready(pending[-1][1])
       step += 1
@@ -302,6 +303,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   history, calibration = meta.get('history', []), meta.get('calibration')
   calibration = calibration and metrics.Calibration.from_dict(calibration)
   stop = PreemptionFlag()
+  logging.info(
+    'Training from step %d, epoch %d of %d; SIGTERM saves a checkpoint, then exits.',
+    int(jax.device_get(g.step)),
+    ctx.train_iter.get_state()['epoch'] + 1,
+    config.num_epochs,
+  )
   try:
     g, d, knn_bank, new_calibration, test_scores = _train_loop(ctx, g, d, knn_bank, history, stop)
     calibration = new_calibration or calibration

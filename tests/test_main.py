@@ -61,14 +61,14 @@ def info_sources(stderr: str) -> set:
 
 def test_default_logs_are_ours_only(trained):
   # Orbax alone logged about 60 INFO lines per checkpoint. By default: our progress bar
-  # (no newlines) and our lines only: the JAX process line and one summary per epoch.
+  # and our lines only: the JAX process, 'Training from step 0', one summary per epoch.
   stderr = (trained.parent / 'train_stderr.txt').read_text()
   assert info_sources(stderr) == {'main.py', 'train.py'}, stderr[-3000:]
   lines = [line for line in stderr.split('\n') if line.strip()]  # (The bar's '\r' is '\n'.)
   logs = [line for line in lines if re.match(r'[IWEF]\d{4} ', line)]
   bars = [line for line in lines if re.match(r'epoch \d+/\d+: ', line)]
   assert len(logs) + len(bars) == len(lines), lines
-  assert len(logs) == EPOCHS + 1 and sum('] epoch ' in line for line in logs) == EPOCHS, logs
+  assert len(logs) == EPOCHS + 2 and sum('] epoch ' in line for line in logs) == EPOCHS, logs
 
 
 def test_training_writes_checkpoints_metrics_and_plots(trained):

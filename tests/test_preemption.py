@@ -147,7 +147,6 @@ def test_load_of_a_run_preempted_after_an_epoch(tmp_path, monkeypatch, progress_
   config = tiny_run_config(num_epochs=2)
   report = train.train_and_evaluate(config, str(tmp_path))
   assert report['epoch'] == 1 and report['step'] == 2
-  assert progress_bars and all(bar.closed for bar in progress_bars)
   with checkpointing.Checkpointer(tmp_path / 'checkpoints') as ckpt:
     assert ckpt.all_steps() == [2, 3]
   # load() gives epoch 1's checkpoint, whose bank and calibration are its networks'.
@@ -162,6 +161,7 @@ def test_load_of_a_run_preempted_after_an_epoch(tmp_path, monkeypatch, progress_
   assert calibration.threshold == pytest.approx(refit.threshold, rel=1e-4)
   with pytest.raises(checkpointing.CheckpointError, match='saved on preemption'):
     api.load(str(tmp_path), 3)
+  assert progress_bars and all(bar.closed for bar in progress_bars)
 
 
 def test_sigterm_during_evaluation_stops_between_batches(tmp_path, monkeypatch):

@@ -131,7 +131,7 @@ def test_rerun_resumes_and_equals_uninterrupted(runs, saved_step):
 def tiny_run_config(num_epochs: int):
   config = tiny(load_config('demo'))
   config.num_epochs, config.max_steps_per_epoch, config.log_every_steps = num_epochs, 2, 1
-  config.eval_batch_size = 512
+  config.eval_batch_size, config.score_kind = 512, 'latent_knn'  # Has a k-NN bank.
   return config
 
 

@@ -159,3 +159,10 @@ def test_loading_and_evaluation_need_no_training_code():
   )
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0 and out.stdout.strip() == '[]', out.stderr[-2000:]
+
+
+def test_bad_checkpoint_flag_names_the_allowed_values(tmp_path):
+  cmd = [sys.executable, 'main.py', f'--workdir={tmp_path}', '--mode=eval', '--checkpoint=foo']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "'latest', 'best' or a step number" in proc.stderr
+  assert 'invalid literal' not in proc.stderr

@@ -13,7 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from skipganomaly_jax import api, export, train
+from skipganomaly_jax import api, export, log_setup, run_config, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -28,6 +28,17 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum('format', 'stablehlo', ['stablehlo', 'onnx'], 'export: the model file format.')
 flags.DEFINE_string('checkpoint', 'latest', "eval/score: 'latest', 'best' or a step.")
+
+
+@flags.validator('checkpoint')
+def _check_checkpoint(value) -> bool:
+  try:
+    run_config.checkpoint_selector(value)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from e
+  return True
+
+
 flags.DEFINE_string('images', None, 'score: an image file or a folder of images.')
 flags.DEFINE_bool('maps', False, 'score: also write anomaly-map PNGs.')
 flags.DEFINE_string(
@@ -45,6 +56,7 @@ flags.mark_flags_as_required(['workdir'])
 
 def main(argv):
   del argv
+  log_setup.quiet_library_logs()
   if FLAGS.mode != 'train' and (FLAGS.distributed or FLAGS.coordinator_address):
     raise app.UsageError(
       f'--mode={FLAGS.mode} runs in a single process: drop --distributed and '

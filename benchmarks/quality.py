@@ -1,7 +1,7 @@
 """Detection quality per abnormal class: our protocol beside the reference's, one run each.
 
 For every (abnormal class, seed) cell it trains with the given config (with
-`protocol='reference'`, which additionally scores the test set the reference's way after
+`eval_protocol='reference'`, which additionally scores the test set the reference's way after
 every epoch without touching our running statistics) and records:
   - paper_last: AUROC of the paper's score, eval-mode BatchNorm, last epoch's model;
   - paper_val_selected: the same, of the epoch with the lowest mean validation-normal
@@ -52,8 +52,8 @@ from skipganomaly_jax import (  # noqa: E402
   scoring,
   train,
 )
+from skipganomaly_jax.mesh import make_mesh  # noqa: E402
 from skipganomaly_jax.models import ModelSpec  # noqa: E402
-from skipganomaly_jax.train_step import make_mesh  # noqa: E402
 
 # The paper's CIFAR-10 AUROCs (Akcay et al. 2019, one class abnormal; its protocol).
 PAPER_CIFAR10 = {
@@ -91,7 +91,7 @@ def build_config(config_path: str, overrides: list[str], abnormal: str, seed: in
   config.dataset.abnormal_class = abnormal
   config.dataset.seed = seed
   config.seed = seed
-  config.protocol = 'reference'
+  config.eval_protocol = 'reference'
   return config
 
 

@@ -48,7 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 from skipganomaly_jax import api, input_pipeline, metrics  # noqa: E402
 from skipganomaly_jax.models import ModelSpec  # noqa: E402
-from skipganomaly_jax.scoring import knn_distance, normalise_codes, score_details  # noqa: E402
+from skipganomaly_jax.scoring import _knn_distance as knn_distance  # noqa: E402
+from skipganomaly_jax.scoring import normalise_codes, score_details  # noqa: E402
 
 CHUNK = 256
 KNN = ('g_code', 'g_multi', 'd_feat', 'd_l1', 'd_l2', 'd_l2_flat', 'd_multi')

@@ -31,8 +31,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import default  # noqa: E402
-from skipganomaly_jax import input_pipeline, scoring  # noqa: E402
-from skipganomaly_jax import train_step as ts  # noqa: E402
+from skipganomaly_jax import (  # noqa: E402
+  input_pipeline,
+  scoring,
+  training_step,  # noqa: E402
+)
+from skipganomaly_jax import mesh as mesh_lib  # noqa: E402
 from skipganomaly_jax.models import ModelSpec  # noqa: E402
 
 
@@ -83,11 +87,13 @@ def rates(batch: int, compile_s: float, flops: float, seconds: float) -> dict:
 def bench_train(config, batch: int, iters: int, rng) -> dict:
   """Train-step images/s, compile time and FLOPs at one global batch size."""
   config.batch_size = batch
-  mesh = ts.make_mesh()
-  step = ts.make_parallel_train_step(config, mesh)
-  state = list(ts.replicate(ts.create_train_states(config, jax.random.key(0)), mesh))
+  mesh = mesh_lib.make_mesh()
+  step = training_step.make_parallel_train_step(config, mesh)
+  state = list(
+    mesh_lib.replicate(training_step.create_train_states(config, jax.random.key(0)), mesh)
+  )
   shape = (batch, config.isize, config.isize, config.nc)
-  fresh = lambda: ts.shard_batch(rng.uniform(-1, 1, shape).astype(np.float32), mesh)
+  fresh = lambda: mesh_lib.shard_batch(rng.uniform(-1, 1, shape).astype(np.float32), mesh)
   compile_s, flops = compile_and_flops(step, *state, fresh(), jax.random.key(0))
   counter = iter(range(10**9))
 
@@ -103,9 +109,9 @@ def bench_train(config, batch: int, iters: int, rng) -> dict:
 def bench_score(config, batch: int, iters: int, rng) -> dict:
   """score_fn images/s (its compiled batch function), compile time and FLOPs."""
   spec = ModelSpec.from_config(config)
-  g, d = ts.create_train_states(config, jax.random.key(0))
+  g, d = training_step.create_train_states(config, jax.random.key(0))
   params = scoring.scoring_variables(g, d)
-  dtype = ts.compute_dtype(config)
+  dtype = training_step.compute_dtype(config)
   lam = scoring.DEFAULT_LAMBDA
   fn = jax.jit(lambda p, x: scoring._score_terms(p, x, lam, spec, dtype=dtype)['score'])
   shape = (batch, config.isize, config.isize, config.nc)

@@ -77,7 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.threshold_percentile = 95.0
   # Keep the latest N checkpoints (plus the best by validation score).
   config.keep_checkpoints = 2
-  # 'ours' (eval-mode BatchNorm, honest) or 'reference' (also reports the reference's
-  # train-mode-BatchNorm test AUROC, labelled as such).
-  config.protocol = 'ours'
+  # Evaluation protocol (not the data split, see dataset.protocol): 'ours' (eval-mode
+  # BatchNorm, honest) or 'reference' (also reports the reference's train-mode-BatchNorm
+  # test AUROC, labelled as such). Named 'protocol' before; old checkpoints still load.
+  config.eval_protocol = 'ours'
   return config

@@ -13,9 +13,11 @@ Optional metrics (e.g. `{'val_score': 0.12}`) are stored by Orbax next to them; 
 validation score (lower is better) ranks checkpoints.
 
 Preservation: the latest `keep_latest` steps are always kept, *and* the `keep_best` steps
-with the lowest `val_score`. (A plain `best_fn` + `max_to_keep` can delete the latest
-checkpoint and break resuming; see docs/stack.md, Orbax.) All Orbax options are built by
-`_manager_options`, so a reopened directory gets exactly the same policy.
+with the lowest `val_score`, *and* the latest step that has metrics (steps saved without
+metrics, e.g. on preemption, never push the last evaluated step out). (A plain `best_fn` +
+`max_to_keep` can delete the latest checkpoint and break resuming; see docs/stack.md,
+Orbax.) All Orbax options are built by `_manager_options`, so a reopened directory gets
+exactly the same policy.
 
 Saving is asynchronous: `save` returns once the arrays are copied to host memory; `wait`
 blocks until the step is on disk. Failures to read a checkpoint are raised as
@@ -53,6 +55,16 @@ def _val_score(metrics: Mapping[str, Any] | None) -> float:
   return float(value)
 
 
+class _LatestWithMetrics:
+  """Orbax preservation policy: keeps the most recent checkpoint that has metrics."""
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    with_metrics = [i for i, info in enumerate(checkpoints) if info.metrics is not None]
+    keep = with_metrics[-1] if with_metrics else None
+    return [i == keep for i in range(len(checkpoints))]
+
+
 def _manager_options(keep_latest: int, keep_best: int) -> ocp.CheckpointManagerOptions:
   """The one place where Orbax's options are built (for new and reopened directories)."""
   policy = ocm.AnyPreservationPolicy(
@@ -66,6 +78,7 @@ def _manager_options(keep_latest: int, keep_best: int) -> ocp.CheckpointManagerO
         n=keep_best,
         keep_checkpoints_without_metrics=False,
       ),
+      _LatestWithMetrics(),
     ]
   )
   return ocp.CheckpointManagerOptions(
@@ -278,6 +291,29 @@ class Checkpointer:
         f'another configuration, e.g. another image size?): ' + '; '.join(problems)
       )
 
+  def abstract_state(self, step: int | None = None) -> Any:
+    """The stored state tree of one step (None = the latest) as `jax.ShapeDtypeStruct`s.
+
+    Restoring with it as the target needs none of the classes that saved the state: it
+    comes back as plain dicts and lists (flax dataclasses as dicts of their fields).
+    """
+    step = self._resolve_step(step)
+    try:
+      item = self._manager.item_metadata(step).get(STATE_ITEM)
+    except Exception as e:
+      raise CheckpointError(
+        f'checkpoint {self.step_path(step)} is corrupt or incomplete: cannot read its '
+        f'metadata ({_short(e)})'
+      ) from e
+    if item is None:
+      raise CheckpointError(
+        f'checkpoint {self.step_path(step)} is corrupt or incomplete: no readable '
+        f'{STATE_ITEM!r} item'
+      )
+    return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), getattr(item, 'tree', item)
+    )
+
   def restore(self, step: int | None, target: Any) -> tuple[Any, dict]:
     """Restores the state and meta of one step.
 
@@ -318,6 +354,11 @@ class Checkpointer:
         f'checkpoint meta {os.path.join(self.step_path(step), META_ITEM)} is unreadable: '
         f'{_short(e)}'
       ) from e
+
+  def delete(self, step: int) -> None:
+    """Deletes one step's checkpoint (after any pending save has finished)."""
+    step = self._resolve_step(step)
+    self._manager.delete(step)
 
   def wait(self) -> None:
     """Blocks until all pending saves (and deletions of old steps) are finished."""

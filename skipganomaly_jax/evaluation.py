@@ -6,6 +6,12 @@ in dataset order on every process. Its `reference_protocol` reproduces the refer
 code's evaluation for side-by-side comparison only: BatchNorm in training mode on
 unshuffled, normal-first batches of 64, running statistics left untouched. Both compute
 `scoring._score_terms`, the one definition of the scores.
+
+`make_scorer` builds the scorer a run's config asks for (its lambda, compute dtype and
+evaluation batch), and `evaluate` is the one evaluation of a model (calibration on the
+validation normals, test metrics of both scores, the reference protocol on request), used
+by training and by `--mode=eval` alike. Both can stop between batches when asked
+(preemption).
 """
 
 import functools
@@ -17,11 +23,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from skipganomaly_jax import metrics
 from skipganomaly_jax.data.batches import eval_batches
 from skipganomaly_jax.data.images import check_batch_shape, to_float
+from skipganomaly_jax.mesh import AXIS, shard_batch
 from skipganomaly_jax.models import ModelSpec
-from skipganomaly_jax.scoring import _score_terms
-from skipganomaly_jax.train_step import AXIS, shard_batch
+from skipganomaly_jax.run_config import compute_dtype
+from skipganomaly_jax.scoring import _score_terms, normalise_codes
 
 REFERENCE_BATCH = 64  # The reference's test batch size.
 
@@ -113,3 +121,117 @@ class DatasetScorer:
 @functools.partial(jax.jit, static_argnames=('spec', 'dtype'))
 def _reference_batch(variables, images, spec, lam, dtype):
   return _score_terms(variables, images, lam, spec, train=True, dtype=dtype)['paper_score']
+
+
+class Interrupted(Exception):
+  """A stop (a preemption notice) was requested between evaluation batches."""
+
+
+def make_scorer(config, mesh: Mesh) -> DatasetScorer:
+  """The dataset scorer of a run's config: its score_lambda, dtype and eval_batch_size."""
+  return DatasetScorer(
+    ModelSpec.from_config(config),
+    mesh,
+    config.eval_batch_size,
+    config.score_lambda,
+    compute_dtype(config),
+  )
+
+
+def _check(should_stop) -> None:
+  if should_stop is not None and should_stop():
+    raise Interrupted
+
+
+def score_dataset(
+  scorer: DatasetScorer, variables, images: np.ndarray, keys=('score', 'paper_score'), stop=None
+) -> dict:
+  """`scorer(variables, images, keys)`, one global batch at a time, checking `stop()`.
+
+  Args:
+    scorer: the dataset scorer.
+    variables: the scoring variables.
+    images: the images to score.
+    keys: the outputs wanted (see `DatasetScorer.__call__`).
+    stop: None, or a function called before each batch (in every process alike); True
+      raises `Interrupted`.
+
+  Returns:
+    dict of numpy arrays with len(images) rows, equal to one call on all images (the
+    batches are the scorer's own).
+  """
+  size = scorer.global_batch_size
+  if stop is None or len(images) <= size:
+    _check(stop)
+    return scorer(variables, images, keys)
+  parts = []
+  for start in range(0, len(images), size):
+    _check(stop)
+    parts.append(scorer(variables, images[start : start + size], keys))
+  return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+
+def _reference_auroc(scorer: DatasetScorer, variables, splits, stop) -> float:
+  """AUROC of the reference protocol's test scores, checking `stop()` between batches."""
+  host = jax.device_get(variables)  # On one local device in each process.
+  scores = []
+  for start in range(0, len(splits.test), REFERENCE_BATCH):
+    _check(stop)
+    scores.append(scorer.reference_protocol(host, splits.test[start : start + REFERENCE_BATCH]))
+  return metrics.auroc(splits.test_labels, np.concatenate(scores))
+
+
+def knn_bank(scorer: DatasetScorer, variables, train: np.ndarray, config, stop=None):
+  """Unit-norm bottleneck codes of (up to config.knn_bank_size) training normals.
+
+  Eval-mode BatchNorm, the model being evaluated; a seeded subset when the training set
+  is larger than the cap. Validation and test images are never in the bank.
+
+  Returns:
+    (M, code) float32 numpy array.
+
+  Raises:
+    Interrupted: `stop()` returned True between batches.
+  """
+  cap = config.knn_bank_size
+  if len(train) > cap:
+    pick = np.random.default_rng([config.seed, 2]).choice(len(train), cap, replace=False)
+    train = train[np.sort(pick)]
+  codes = score_dataset(scorer, variables, train, ('code',), stop)['code']
+  return np.asarray(normalise_codes(codes))
+
+
+def evaluate(scorer: DatasetScorer, variables, splits, config, calibration=None, stop=None):
+  """Evaluates one model: calibration on validation normals, metrics on the test set.
+
+  Args:
+    scorer: `make_scorer(config, mesh)`.
+    variables: the scoring variables; with a 'knn_bank' the latent k-NN score is
+      reported too (training always builds one).
+    splits: the run's `DataSplits`.
+    config: the run's config (score_kind, threshold_percentile, eval_protocol).
+    calibration: a stored calibration of this model; None fits it on `splits.val`.
+    stop: see `score_dataset`.
+
+  Returns:
+    (report, calibration, test_scores): the report leads with 'paper_score_auroc' and
+    (with a bank) 'latent_knn_auroc'; its 'auroc' etc., the calibration and the test
+    scores are of config.score_kind's score; 'reference_protocol_auroc' is there when
+    config.eval_protocol == 'reference'.
+
+  Raises:
+    Interrupted: `stop()` returned True.
+  """
+  key = 'score' if config.score_kind == 'latent_knn' else 'paper_score'
+  val_scores = score_dataset(scorer, variables, splits.val, stop=stop)[key]
+  if calibration is None:
+    calibration = metrics.Calibration.fit(val_scores, config.threshold_percentile)
+  test, labels = score_dataset(scorer, variables, splits.test, stop=stop), splits.test_labels
+  report = {'paper_score_auroc': metrics.auroc(labels, test['paper_score'])}
+  if 'knn_bank' in variables:  # 'score' is then the latent k-NN score.
+    report['latent_knn_auroc'] = metrics.auroc(labels, test['score'])
+  report.update(metrics.evaluate(labels, test[key], calibration))
+  report['val_score'] = float(np.mean(val_scores))
+  if config.eval_protocol == 'reference':
+    report['reference_protocol_auroc'] = _reference_auroc(scorer, variables, splits, stop)
+  return report, calibration, test[key]

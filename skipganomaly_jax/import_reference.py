@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from skipganomaly_jax import checkpointing, torch_weights, train
-from skipganomaly_jax import train_step as ts
+from skipganomaly_jax import checkpointing, torch_weights, train, training_step
+from skipganomaly_jax.mesh import replicate
 from skipganomaly_jax.models import ModelSpec
 
 IMPORT_RECORD = 'imported_from.json'  # Where the weights came from, and their evaluation.
@@ -70,7 +70,7 @@ def read_pth(path: str) -> tuple[dict, int | None]:
 def imported_states(config, netg: dict, netd: dict):
   """Our (g_state, d_state) holding the reference's weights, with a fresh Adam state."""
   variables = torch_weights.convert_state_dicts(netg, netd, ModelSpec.from_config(config))
-  g, d = ts.create_train_states(config, jax.random.key(config.seed))
+  g, d = training_step.create_train_states(config, jax.random.key(config.seed))
 
   def fill(state, net):
     params = jax.tree.map(jnp.asarray, net['params'])
@@ -91,6 +91,7 @@ def _save_uncalibrated(config, workdir: str, g, d) -> None:
     'data_iterator': {'epoch': 0, 'step_in_epoch': 0},
     'history': [],
     'knn_bank_shape': None,
+    'imported': True,  # Counts as evaluated for loading (api.is_evaluated).
   }
   with checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints')) as ckpt:
     ckpt.save(0, {'g': g, 'd': d}, meta)
@@ -123,13 +124,13 @@ def import_state_dicts(
     raise ValueError(f'{directory} already holds checkpoints: import into a new --workdir.')
   g, d = imported_states(config, netg, netd)
   source = source or {}
-  run = None
+  ctx = None
   if calibrate:
     try:
-      run = train.setup(config, workdir)
+      ctx = train.setup(config, workdir)
     except FileNotFoundError as e:
       logging.warning('Dataset not available (%s): importing without calibration.', e)
-  if run is None:
+  if ctx is None:
     if config.score_kind != 'paper':
       logging.warning("No training images for the k-NN bank: score_kind set to 'paper'.")
       config.score_kind = 'paper'
@@ -137,14 +138,14 @@ def import_state_dicts(
     report = {}
   else:
     try:
-      g, d = ts.replicate((g, d), run.mesh)
-      report, calibration, _, knn_bank = train.evaluate_epoch(run, g, d, epoch=0, step=0)
+      g, d = replicate((g, d), ctx.mesh)
+      report, calibration, _, knn_bank = train.evaluate_epoch(ctx, g, d, epoch=0, step=0)
       # An empty history: training in this workdir then numbers its epochs from 1.
-      train.save(run, g, d, knn_bank, 0, [], calibration, report['val_score'])
-      run.checkpointer.wait()
+      train.save(ctx, g, d, 0, [], (knn_bank, calibration, report['val_score']))
+      ctx.checkpointer.wait()
     finally:
-      run.checkpointer.close()
-      run.writer.close()
+      ctx.checkpointer.close()
+      ctx.writer.close()
   with open(os.path.join(workdir, IMPORT_RECORD), 'w') as f:
     json.dump({'source': source, 'report': report}, f, indent=1)
   return report

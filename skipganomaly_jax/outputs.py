@@ -23,8 +23,24 @@ SCORE_NOTE = (
   'paper_score_auroc: the paper score (lam * rec + (1 - lam) * lat, lam = '
   "config.score_lambda); latent_knn_auroc: cosine distance of G's bottleneck code to its "
   f'{KNN_K} nearest training-normal codes; both always. auroc, average_precision, f1, '
-  "threshold: of score_kind's score."
+  'threshold: of score_kind\'s score. History entries with a "checkpoint" key are later '
+  '--mode=eval evaluations.'
 )
+
+
+def _summary(history: list, calibration, abnormal_name: str, config) -> dict:
+  """The content of metrics.json."""
+  return {
+    'final': history[-1],
+    'history': history,
+    'calibration': calibration.to_dict(),
+    'abnormal_class': abnormal_name,
+    'protocol': PROTOCOL_NOTE,
+    'score_kind': config.score_kind,
+    'score_lambda': config.score_lambda,
+    'eval_protocol': config.eval_protocol,
+    'score': SCORE_NOTE,
+  }
 
 
 def write_all(
@@ -34,8 +50,18 @@ def write_all(
   test_scores: np.ndarray,
   history: list,
   calibration: metrics.Calibration,
+  config,
 ) -> dict:
   """Writes metrics.json, roc.png, score_histogram.png and reconstructions.png.
+
+  Args:
+    workdir: the run's directory.
+    splits: the run's `DataSplits`.
+    variables: the scoring variables of the evaluated model.
+    test_scores: its scores of `splits.test` (from the run's own scorer).
+    history: the evaluation reports; the last one is 'final'.
+    calibration: the model's calibration.
+    config: the run's config (score_kind, score_lambda, eval_protocol are recorded).
 
   Returns:
     The paths written, by name.
@@ -48,25 +74,14 @@ def write_all(
   }
   final = history[-1]
   with open(paths['metrics.json'], 'w') as f:
-    json.dump(
-      {
-        'final': final,
-        'history': history,
-        'calibration': calibration.to_dict(),
-        'abnormal_class': splits.abnormal_name,
-        'protocol': PROTOCOL_NOTE,
-        'score_kind': 'latent_knn' if 'knn_bank' in variables else 'paper',
-        'score': SCORE_NOTE,
-      },
-      f,
-      indent=2,
-    )
+    json.dump(_summary(history, calibration, splits.abnormal_name, config), f, indent=2)
   title = f'abnormal: {splits.abnormal_name}, AUROC {final["auroc"]:.3f}'
   plots.save_roc_curve(paths['roc.png'], labels, test_scores, title)
   plots.save_score_histogram(
     paths['score_histogram.png'], labels, test_scores, calibration.threshold, title
   )
   pick = plots.pick_examples(labels)
+  # Reconstructions and maps only: the scores shown are the run's own (its lambda, dtype).
   details = score_details(variables, splits.test[pick], return_maps=True)
   plots.save_reconstruction_grid(
     paths['reconstructions.png'],
@@ -74,7 +89,7 @@ def write_all(
     np.asarray(details['reconstruction']),
     np.asarray(details['anomaly_map']),
     labels[pick],
-    np.asarray(details['score']),
+    np.asarray(test_scores)[pick],
   )
   return paths
 

@@ -1,30 +1,43 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Epochs of the data-parallel step (train_step.py) over the training normals; after each
+Epochs of the data-parallel step (training_step.py) over the training normals; after each
 epoch, calibration on the held-out validation normals and evaluation on the test set
 (evaluation.py, metrics.py); an Orbax checkpoint per epoch (checkpointing.py) holding
-both TrainStates, the data-iterator position, the calibration and the config. A workdir
-with checkpoints resumes from the latest one; SIGTERM (a preemption notice) saves a
-checkpoint at the current step and returns. Only process 0 writes logs and outputs.
+both TrainStates, the k-NN bank, the data-iterator position, the calibration and the
+config. A workdir with checkpoints resumes from the latest one.
+
+SIGTERM (a preemption notice, preemption.py) is checked after every step and between
+evaluation batches; the run then saves a checkpoint at the current step and returns. Such
+a checkpoint holds the networks and the data position only: no k-NN bank and no
+calibration, which would belong to an earlier moment (and no val_score, so it is never
+'best'). Resuming finishes the epoch, or its interrupted evaluation, first. Only process
+0 writes logs and outputs.
 """
 
 import dataclasses
 import json
 import os
-import signal
 import time
 
 import jax
 import numpy as np
 import tqdm
 from absl import logging
-from jax.experimental import multihost_utils
 
-from skipganomaly_jax import checkpointing, evaluation, input_pipeline, metrics, outputs
-from skipganomaly_jax import train_step as ts
+from skipganomaly_jax import (
+  checkpointing,
+  evaluation,
+  input_pipeline,
+  metrics,
+  outputs,
+  run_config,
+  training_step,
+)
+from skipganomaly_jax.mesh import make_mesh, replicate, shard_batch
 from skipganomaly_jax.metric_writer import MetricWriter
 from skipganomaly_jax.models import ModelSpec
-from skipganomaly_jax.scoring import SCORE_KINDS, normalise_codes, scoring_variables
+from skipganomaly_jax.preemption import PreemptionFlag
+from skipganomaly_jax.scoring import scoring_variables
 
 
 class DivergenceError(FloatingPointError):
@@ -32,7 +45,7 @@ class DivergenceError(FloatingPointError):
 
 
 @dataclasses.dataclass
-class Run:
+class TrainingContext:
   """Everything fixed for one run: data, mesh, compiled functions, writers."""
 
   config: object
@@ -48,34 +61,11 @@ class Run:
   writer: MetricWriter
 
 
-class PreemptionFlag:
-  """Set by SIGTERM; agreed on by all processes before anyone acts on it."""
-
-  def __init__(self):
-    self._set = False
-    self._previous = signal.signal(signal.SIGTERM, self._handler)
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint at the next step, then exiting.')
-    self._set = True
-
-  def requested(self) -> bool:
-    if jax.process_count() == 1:
-      return self._set
-    return bool(multihost_utils.process_allgather(np.int32(self._set)).max())
-
-  def restore(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
-
-
-def setup(config, workdir: str) -> Run:
+def setup(config, workdir: str) -> TrainingContext:
   """Loads the data, builds the mesh and the compiled step; checks the config."""
+  run_config.validate(config)
   spec = ModelSpec.from_config(config)
-  dtype = ts.compute_dtype(config)
-  mesh = ts.make_mesh()
-  if config.score_kind not in SCORE_KINDS:
-    raise ValueError(f'config.score_kind must be one of {SCORE_KINDS}; got {config.score_kind!r}.')
+  mesh = make_mesh()
   if config.batch_size % mesh.size:
     raise ValueError(
       f'config.batch_size={config.batch_size} must be a multiple of the '
@@ -93,7 +83,7 @@ def setup(config, workdir: str) -> Run:
   steps = train_iter.steps_per_epoch
   if config.max_steps_per_epoch:
     steps = min(steps, config.max_steps_per_epoch)
-  return Run(
+  return TrainingContext(
     config=config,
     workdir=workdir,
     mesh=mesh,
@@ -101,8 +91,8 @@ def setup(config, workdir: str) -> Run:
     splits=splits,
     train_iter=train_iter,
     steps_per_epoch=steps,
-    step_fn=ts.make_parallel_train_step(config, mesh),
-    scorer=evaluation.DatasetScorer(spec, mesh, config.eval_batch_size, config.score_lambda, dtype),
+    step_fn=training_step.make_parallel_train_step(config, mesh),
+    scorer=evaluation.make_scorer(config, mesh),
     checkpointer=checkpointing.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep_latest=config.keep_checkpoints
     ),
@@ -110,41 +100,37 @@ def setup(config, workdir: str) -> Run:
   )
 
 
-def restore_or_init(run: Run):
+def restore_or_init(ctx: TrainingContext):
   """The latest checkpoint's states, k-NN bank and meta; or fresh states, None, {}."""
-  init = ts.replicate(ts.create_train_states(run.config, jax.random.key(run.config.seed)), run.mesh)
-  if run.checkpointer.latest_step() is None:
+  init = replicate(
+    training_step.create_train_states(ctx.config, jax.random.key(ctx.config.seed)), ctx.mesh
+  )
+  if ctx.checkpointer.latest_step() is None:
     return init, None, {}
   target = {'g': init[0], 'd': init[1]}
-  bank_shape = run.checkpointer.restore_meta().get('knn_bank_shape')
+  bank_shape = ctx.checkpointer.restore_meta().get('knn_bank_shape')
   if bank_shape:
-    target['knn_bank'] = ts.replicate(np.zeros(bank_shape, np.float32), run.mesh)
-  state, meta = run.checkpointer.restore(None, target)
-  logging.info('Resumed from %s.', run.checkpointer.step_path(int(state['g'].step)))
-  run.train_iter.set_state(meta['data_iterator'])
+    target['knn_bank'] = replicate(np.zeros(bank_shape, np.float32), ctx.mesh)
+  state, meta = ctx.checkpointer.restore(None, target)
+  logging.info('Resumed from %s.', ctx.checkpointer.step_path(int(state['g'].step)))
+  ctx.train_iter.set_state(meta['data_iterator'])
   return (state['g'], state['d']), state.get('knn_bank'), meta
 
 
-def build_knn_bank(run: Run, variables):
-  """Unit-norm bottleneck codes of (up to config.knn_bank_size) training normals.
+def build_knn_bank(ctx: TrainingContext, variables, stop=None):
+  """`evaluation.knn_bank` of the training normals, replicated on the mesh.
 
-  Eval-mode BatchNorm, the model being evaluated; a seeded subset when the training set
-  is larger than the cap. Validation and test images are never in the bank. Built at
-  every evaluation whatever the score kind (every evaluation reports both scores); it
-  is stored with the checkpoint only for score_kind='latent_knn'.
+  Built at every evaluation whatever the score kind (every evaluation reports both
+  scores); stored with the checkpoint only for score_kind='latent_knn'.
 
-  Returns:
-    (M, code) float32, replicated on the mesh.
+  Raises:
+    evaluation.Interrupted: `stop()` returned True between batches.
   """
-  train, cap = run.splits.train, run.config.knn_bank_size
-  if len(train) > cap:
-    pick = np.random.default_rng([run.config.seed, 2]).choice(len(train), cap, replace=False)
-    train = train[np.sort(pick)]
-  codes = run.scorer(variables, train, keys=('code',))['code']
-  return ts.replicate(np.asarray(normalise_codes(codes)), run.mesh)
+  bank = evaluation.knn_bank(ctx.scorer, variables, ctx.splits.train, ctx.config, stop)
+  return replicate(bank, ctx.mesh)
 
 
-def check_and_log(run: Run, pending: list, pbar, tick: float) -> None:
+def check_and_log(ctx: TrainingContext, pending: list, pbar, tick: float) -> None:
   """Fetches pending step metrics, stops on NaN/Inf, writes their means.
 
   `tick` is when the first pending step was dispatched; the fetch waits for the last
@@ -159,11 +145,11 @@ def check_and_log(run: Run, pending: list, pbar, tick: float) -> None:
     if bad:
       raise DivergenceError(
         f'Training diverged at step {step}: non-finite {bad}. The last checkpoint in '
-        f'{run.checkpointer.directory} is intact; try a lower --config.optim.lr.'
+        f'{ctx.checkpointer.directory} is intact; try a lower --config.optim.lr.'
       )
   means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-  means['images_per_second'] = len(pending) * run.config.batch_size / max(seconds, 1e-9)
-  run.writer.write_scalars(steps[-1], means, prefix='train/')
+  means['images_per_second'] = len(pending) * ctx.config.batch_size / max(seconds, 1e-9)
+  ctx.writer.write_scalars(steps[-1], means, prefix='train/')
   if pbar is not None:
     pbar.set_postfix(
       g=f'{means["g_loss"]:.3f}',
@@ -172,87 +158,128 @@ def check_and_log(run: Run, pending: list, pbar, tick: float) -> None:
     )
 
 
-def train_epoch(run: Run, g, d, step: int, stop: PreemptionFlag):
-  """Runs the rest of the current epoch; returns (g, d, step, finished)."""
-  key = jax.random.key(run.config.seed)
-  position = run.train_iter.get_state()
-  pbar = None
-  if jax.process_index() == 0:
-    pbar = tqdm.tqdm(
-      total=run.steps_per_epoch,
-      initial=position['step_in_epoch'],
-      desc=f'epoch {position["epoch"] + 1}/{run.config.num_epochs}',
-      leave=False,
-      dynamic_ncols=True,
-    )
+def train_epoch(ctx: TrainingContext, g, d, step: int, stop: PreemptionFlag):
+  """Runs the rest of the current epoch; returns (g, d, step, finished).
+
+  Checks `stop` after every step and returns unfinished when it is set. At most two
+  steps are in flight (each dispatch waits for the step before the previous one), so
+  stopping never waits for a long queue of dispatched steps.
+  """
+  key = jax.random.key(ctx.config.seed)
+  position = ctx.train_iter.get_state()
   pending, tick = [], time.perf_counter()
-  for i in range(position['step_in_epoch'], run.steps_per_epoch):
-    batch = ts.shard_batch(next(run.train_iter), run.mesh)
-    g, d, m = run.step_fn(g, d, batch, jax.random.fold_in(key, step))
-    step += 1
-    pending.append((step, m))
-    if pbar is not None:
+  with tqdm.tqdm(
+    total=ctx.steps_per_epoch,
+    initial=position['step_in_epoch'],
+    desc=f'epoch {position["epoch"] + 1}/{ctx.config.num_epochs}',
+    leave=False,
+    dynamic_ncols=True,
+    disable=jax.process_index() != 0,
+  ) as pbar:  # Closed on every exit: end of epoch, preemption, exception.
+    for i in range(position['step_in_epoch'], ctx.steps_per_epoch):
+      batch = shard_batch(next(ctx.train_iter), ctx.mesh)
+      g, d, m = ctx.step_fn(g, d, batch, jax.random.fold_in(key, step))
+      stop.arm()  # After the first step's compilation (see preemption.py).
+      if pending:
+        jax.block_until_ready(pending[-1][1])
+      step += 1
+      pending.append((step, m))
       pbar.update(1)
-    last = i + 1 == run.steps_per_epoch
-    if len(pending) >= run.config.log_every_steps or last:
-      check_and_log(run, pending, pbar, tick)
-      pending, tick = [], time.perf_counter()
+      last = i + 1 == ctx.steps_per_epoch
+      if len(pending) >= ctx.config.log_every_steps or last:
+        check_and_log(ctx, pending, pbar, tick)
+        pending, tick = [], time.perf_counter()
       if not last and stop.requested():
+        check_and_log(ctx, pending, pbar, tick)  # Never save a diverged state.
         return g, d, step, False
-  if pbar is not None:
-    pbar.close()
-  run.train_iter.set_state({'epoch': position['epoch'] + 1, 'step_in_epoch': 0})
+  ctx.train_iter.set_state({'epoch': position['epoch'] + 1, 'step_in_epoch': 0})
   return g, d, step, True
 
 
-def evaluate_epoch(run: Run, g, d, epoch: int, step: int):
+def evaluate_epoch(ctx: TrainingContext, g, d, epoch: int, step: int, stop=None):
   """Builds the k-NN bank, calibrates on validation normals, evaluates on the test set.
 
   Returns:
     (report, calibration, test_scores, knn_bank); the report leads with
     'paper_score_auroc' and 'latent_knn_auroc' (both scores, always), then 'auroc' etc.
     of config.score_kind's score; knn_bank is None unless that is 'latent_knn'.
+
+  Raises:
+    evaluation.Interrupted: `stop()` returned True between batches.
   """
-  knn_bank = build_knn_bank(run, scoring_variables(g, d))
+  knn_bank = build_knn_bank(ctx, scoring_variables(g, d), stop)
   variables = scoring_variables(g, d, knn_bank)  # 'score' is then the latent k-NN one.
-  key = 'score' if run.config.score_kind == 'latent_knn' else 'paper_score'
-  val_scores = run.scorer(variables, run.splits.val)[key]
-  calibration = metrics.Calibration.fit(val_scores, run.config.threshold_percentile)
-  test = run.scorer(variables, run.splits.test)
-  test_scores, labels = test[key], run.splits.test_labels
-  report = {
-    'paper_score_auroc': metrics.auroc(labels, test['paper_score']),
-    'latent_knn_auroc': metrics.auroc(labels, test['score']),
-    **metrics.evaluate(labels, test_scores, calibration),
-  }
-  report.update(epoch=epoch, step=step, val_score=float(np.mean(val_scores)))
-  if key != 'score':
+  report, calibration, test_scores = evaluation.evaluate(
+    ctx.scorer, variables, ctx.splits, ctx.config, stop=stop
+  )
+  if ctx.config.score_kind != 'latent_knn':
     knn_bank = None  # The paper score's checkpoints and params carry no bank.
-  if run.config.protocol == 'reference':
-    # On one local device in each process: host copies of the global arrays.
-    ref = run.scorer.reference_protocol(jax.device_get(variables), run.splits.test)
-    report['reference_protocol_auroc'] = metrics.auroc(run.splits.test_labels, ref)
-  run.writer.write_scalars(
+  report = {'epoch': epoch, 'step': step, **report}
+  ctx.writer.write_scalars(
     step, {k: v for k, v in report.items() if isinstance(v, int | float)}, prefix='eval/'
   )
   return report, calibration, test_scores, knn_bank
 
 
-def save(run: Run, g, d, knn_bank, step: int, history, calibration, val_score=None) -> None:
-  """Starts an asynchronous checkpoint of the states, k-NN bank, data position, etc.
+def save(ctx: TrainingContext, g, d, step: int, history, evaluated=None) -> None:
+  """Starts an asynchronous checkpoint of the states, data position, history, config.
 
-  The bank and calibration are those of the last evaluation (a mid-epoch preemption
-  checkpoint keeps the previous epoch's, which resuming recomputes anyway).
+  Args:
+    ctx: the run.
+    g: generator state.
+    d: discriminator state.
+    step: the training step.
+    history: the evaluation reports so far.
+    evaluated: (knn_bank, calibration, val_score) of exactly these networks, or None for
+      a preemption checkpoint, which then stores neither bank nor calibration.
   """
+  knn_bank, calibration, val_score = evaluated or (None, None, None)
   meta = {
-    'config': json.loads(run.config.to_json()),
+    'config': json.loads(ctx.config.to_json()),
     'calibration': calibration.to_dict() if calibration else None,
-    'data_iterator': run.train_iter.get_state(),
+    'data_iterator': ctx.train_iter.get_state(),
     'history': history,
     'knn_bank_shape': None if knn_bank is None else list(knn_bank.shape),
   }
   state = {'g': g, 'd': d} | ({} if knn_bank is None else {'knn_bank': knn_bank})
-  run.checkpointer.save(step, state, meta, None if val_score is None else {'val_score': val_score})
+  if step in ctx.checkpointer.all_steps():
+    # The preemption checkpoint of this very step, taken during its evaluation: replaced
+    # by the complete one (if killed in between, the previous epoch's is the latest).
+    ctx.checkpointer.delete(step)
+  ctx.checkpointer.save(step, state, meta, None if val_score is None else {'val_score': val_score})
+
+
+def _train_loop(ctx: TrainingContext, g, d, knn_bank, history: list, stop: PreemptionFlag):
+  """Trains and evaluates the remaining epochs (first the evaluation an epoch lacks).
+
+  Returns:
+    (g, d, knn_bank, calibration, test_scores); the last two None if nothing was evaluated.
+
+  Raises:
+    evaluation.Interrupted: preempted; `g`, `d`, the step and `history` are saved first.
+  """
+  step, calibration, test_scores = int(jax.device_get(g.step)), None, None
+  try:
+    while True:
+      epoch = ctx.train_iter.get_state()['epoch']  # Epochs trained.
+      if epoch > len(history):  # The last epoch trained is not evaluated yet.
+        report, calibration, test_scores, knn_bank = evaluate_epoch(
+          ctx, g, d, epoch, step, stop.requested
+        )
+        history.append(report)
+        logging.info('epoch %d: %s', epoch, _summary(report))
+        save(ctx, g, d, step, history, (knn_bank, calibration, report['val_score']))
+      elif epoch >= ctx.config.num_epochs:
+        return g, d, knn_bank, calibration, test_scores
+      else:
+        g, d, step, finished = train_epoch(ctx, g, d, step, stop)
+        if not finished:
+          raise evaluation.Interrupted
+  except evaluation.Interrupted:
+    if step not in ctx.checkpointer.all_steps():
+      save(ctx, g, d, step, history)
+    logging.warning('Preempted: saved step %d; rerun the same command to resume.', step)
+    raise
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -265,40 +292,36 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns:
     The last epoch's evaluation report (empty if preempted before any evaluation).
   """
-  run = setup(config, workdir)
-  (g, d), knn_bank, meta = restore_or_init(run)
+  ctx = setup(config, workdir)
+  (g, d), knn_bank, meta = restore_or_init(ctx)
   history, calibration = meta.get('history', []), meta.get('calibration')
   calibration = calibration and metrics.Calibration.from_dict(calibration)
-  step, stop, test_scores = int(jax.device_get(g.step)), PreemptionFlag(), None
+  stop = PreemptionFlag()
+  logging.info(
+    'Training from step %d, epoch %d of %d; SIGTERM saves a checkpoint, then exits.',
+    int(jax.device_get(g.step)),
+    ctx.train_iter.get_state()['epoch'] + 1,
+    config.num_epochs,
+  )
   try:
-    while run.train_iter.get_state()['epoch'] < config.num_epochs:
-      g, d, step, finished = train_epoch(run, g, d, step, stop)
-      if not finished:
-        save(run, g, d, knn_bank, step, history, calibration)
-        logging.warning('Preempted: saved step %d; rerun the same command to resume.', step)
-        return history[-1] if history else {}
-      report, calibration, test_scores, knn_bank = evaluate_epoch(run, g, d, len(history) + 1, step)
-      history.append(report)
-      logging.info('epoch %d: %s', report['epoch'], _summary(report))
-      save(run, g, d, knn_bank, step, history, calibration, report['val_score'])
-    run.checkpointer.wait()
+    g, d, knn_bank, new_calibration, test_scores = _train_loop(ctx, g, d, knn_bank, history, stop)
+    calibration = new_calibration or calibration
+    ctx.checkpointer.wait()
+    variables = scoring_variables(g, d, knn_bank)
     if test_scores is None and history:  # Resumed after the last epoch: score again.
-      test_scores = run.scorer(scoring_variables(g, d, knn_bank), run.splits.test)['score']
+      test_scores = ctx.scorer(variables, ctx.splits.test)['score']
     if history and jax.process_index() == 0:
       # Host copies: a jit over the global (all-process) arrays would have to run in
       # every process, but only process 0 plots.
       outputs.write_all(
-        workdir,
-        run.splits,
-        jax.device_get(scoring_variables(g, d, knn_bank)),
-        test_scores,
-        history,
-        calibration,
+        workdir, ctx.splits, jax.device_get(variables), test_scores, history, calibration, config
       )
+  except evaluation.Interrupted:
+    pass  # Saved; the checkpointer's close below waits for the write.
   finally:
     stop.restore()
-    run.checkpointer.close()
-    run.writer.close()
+    ctx.checkpointer.close()
+    ctx.writer.close()
   return history[-1] if history else {}
 
 

@@ -85,3 +85,27 @@ def pytest_runtest_makereport(item, call):
   if report.failed and SEED_KEY in item.stash:
     seed = item.stash[SEED_KEY]
     report.sections.append(('random seed', f'{seed} (rerun with TEST_SEED={seed})'))
+
+
+@pytest.fixture
+def progress_bars(monkeypatch):
+  """The tqdm progress bars that training creates (kept alive, so a bar that is never
+  closed stays open instead of being closed by garbage collection); `bar.closed`."""
+  import tqdm  # noqa: PLC0415
+
+  from skipganomaly_jax import train  # noqa: PLC0415
+
+  bars = []
+
+  class Recorded(tqdm.tqdm):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      self.closed = False
+      bars.append(self)
+
+    def close(self):
+      self.closed = True
+      super().close()
+
+  monkeypatch.setattr(train.tqdm, 'tqdm', Recorded)
+  return bars

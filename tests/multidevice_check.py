@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import optax
 
-from skipganomaly_jax import train_step as ts
+from skipganomaly_jax import mesh as mesh_lib
+from skipganomaly_jax import training_step
 
 
 def relative_error(a, b) -> float:
@@ -44,17 +45,17 @@ def compare(one, many, init) -> dict:
 
 def run(config, tx, batches, seed):
   """Steps 1 and 3 on one device (plain jit) and on the mesh (shard_map)."""
-  init = ts.create_train_states(config, jax.random.key(seed), tx=tx)
-  single = jax.jit(lambda g, d, x, k: ts.train_step(g, d, x, k, config=config))
-  mesh = ts.make_mesh()
-  parallel = ts.make_parallel_train_step(config, mesh)
+  init = training_step.create_train_states(config, jax.random.key(seed), tx=tx)
+  single = jax.jit(lambda g, d, x, k: training_step.train_step(g, d, x, k, config=config))
+  mesh = mesh_lib.make_mesh()
+  parallel = training_step.make_parallel_train_step(config, mesh)
   # replicate() may reuse init's buffers, which the donating parallel step then deletes.
-  one, many = init, ts.replicate(init, mesh)
+  one, many = init, mesh_lib.replicate(init, mesh)
   init = jax.device_get(init)
   out = {}
   for i, x in enumerate(batches):
     one = single(*one, x, jax.random.key(i))[:2]
-    many = parallel(*many, ts.shard_batch(x, mesh), jax.random.key(i))[:2]
+    many = parallel(*many, mesh_lib.shard_batch(x, mesh), jax.random.key(i))[:2]
     if i in (0, 2):
       out[f'step{i + 1}'] = compare(one, many, init)
   return out
@@ -73,7 +74,7 @@ def main(global_batch: int, seed: int) -> None:
   # SGD's lr is kept small: with 0.05, GAN dynamics amplified float32 noise to 6e-5 by
   # step 3 on some seeds; at 0.01 the params still move ~3e-3 per step, so a gradient
   # summed over the 8 devices would show as a ~2e-2 error.
-  for name, tx in (('sgd', optax.sgd(0.01)), ('adam', ts.make_optimizer(config))):
+  for name, tx in (('sgd', optax.sgd(0.01)), ('adam', training_step.make_optimizer(config))):
     for step, errors in run(config, tx, batches, seed).items():
       report[f'{name}_{step}'] = errors
   print(json.dumps(report))

@@ -34,7 +34,7 @@ def allow_cache_writes_from_every_process() -> None:
 
   JAX writes cache entries only from process 0, and on CPU the other processes' keys
   differ (their compile options name their process), so without this process 1 would
-  recompile everything in every test run. Their keys are distinct, so there is no write
+  recompile everything in every test ctx. Their keys are distinct, so there is no write
   contention. Best effort: JAX internals; if they changed, runs are just slower.
   """
   from jax._src import compiler, distributed  # noqa: PLC0415
@@ -76,9 +76,9 @@ def restore_and_score(config, workdir: str) -> dict:
   from skipganomaly_jax import train  # noqa: PLC0415
   from skipganomaly_jax.scoring import scoring_variables  # noqa: PLC0415
 
-  run = train.setup(config, workdir)
+  ctx = train.setup(config, workdir)
   try:
-    (g, d), knn_bank, meta = train.restore_or_init(run)
+    (g, d), knn_bank, meta = train.restore_or_init(ctx)
     assert knn_bank is not None, 'the latent k-NN score stores its bank'
     variables = scoring_variables(g, d, knn_bank)
     out = {
@@ -86,15 +86,15 @@ def restore_and_score(config, workdir: str) -> dict:
       **flat_leaves('d', d),
       **{
         f'{name}_{key}s': value
-        for name, images in (('val', run.splits.val), ('test', run.splits.test))
-        for key, value in run.scorer(variables, images).items()
+        for name, images in (('val', ctx.splits.val), ('test', ctx.splits.test))
+        for key, value in ctx.scorer(variables, images).items()
       },
       'step': np.asarray(jax.device_get(g.step)),
       'iterator_epoch': np.asarray(meta['data_iterator']['epoch']),
     }
   finally:
-    run.checkpointer.close()
-    run.writer.close()
+    ctx.checkpointer.close()
+    ctx.writer.close()
   return out
 
 

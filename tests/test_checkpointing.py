@@ -106,7 +106,7 @@ def test_latest_kept_when_best_is_older(tmp_path):
   ckpt.save(5, tree, {'step': 5}, metrics={'val_score': 0.5})
   ckpt.save(6, tree, {'step': 6})  # No metrics: kept as latest only.
   ckpt.wait()
-  assert ckpt.all_steps() == [1, 6]
+  assert ckpt.all_steps() == [1, 5, 6]  # 5: the latest step with metrics.
   ckpt.save(7, tree, {'step': 7}, metrics={'val_score': 0.05})
   ckpt.wait()
   assert ckpt.all_steps() == [7] and ckpt.best_step() == 7
@@ -209,3 +209,40 @@ def test_errors_without_checkpoints_and_bad_inputs(tmp_path):
       ckpt.restore(2, abstract_state())
   with pytest.raises(ValueError, match='keep_latest'):
     Checkpointer(tmp_path, keep_latest=0)
+
+
+def test_latest_step_with_metrics_outlives_steps_without(tmp_path):
+  # Preemption checkpoints have no metrics; they must not push out the last evaluated one.
+  with Checkpointer(tmp_path / 'ckpt', keep_latest=2, keep_best=1) as ckpt:
+    ckpt.save(1, trained_state(), META, metrics={'val_score': 0.1})  # The best.
+    ckpt.save(2, trained_state(), META, metrics={'val_score': 0.5})  # The latest evaluated.
+    for step in (3, 4, 5):
+      ckpt.save(step, trained_state(), META)
+    ckpt.wait()
+    assert ckpt.all_steps() == [1, 2, 4, 5]
+    assert ckpt.best_step() == 1
+
+
+def test_delete_then_save_the_same_step(tmp_path):
+  with Checkpointer(tmp_path / 'ckpt') as ckpt:
+    ckpt.save(1, trained_state(0), META, metrics={'val_score': 0.2})
+    ckpt.save(2, trained_state(0), {'first': True})
+    ckpt.delete(2)
+    assert ckpt.all_steps() == [1]
+    ckpt.save(2, trained_state(1), META, metrics={'val_score': 0.1})
+    state, meta = ckpt.restore(2, abstract_state())
+  assert meta == META
+  assert_trees_equal(state, trained_state(1))
+
+
+def test_abstract_state_restores_without_the_classes(tmp_path):
+  saved = trained_state()
+  with Checkpointer(tmp_path / 'ckpt') as ckpt:
+    ckpt.save(1, saved, META)
+    abstract = ckpt.abstract_state()
+    state, _ = ckpt.restore(1, abstract)
+  assert type(state['generator']) is dict  # Plain containers, no TrainState.
+  np.testing.assert_array_equal(
+    state['generator']['params']['kernel'], saved['generator'].params['kernel']
+  )
+  np.testing.assert_array_equal(state['rng'], saved['rng'])

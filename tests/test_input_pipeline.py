@@ -58,7 +58,7 @@ def test_digit_protocol_sizes(digit_splits, protocol):
   assert s.test.shape == (1400, 32, 32, 1) and s.train.dtype == np.uint8
   assert s.test_labels.dtype == np.int32
   np.testing.assert_array_equal(s.test_labels, np.repeat([0, 1], [900, 500]))
-  assert s.abnormal_name == '0' and s.test_paths is None
+  assert s.abnormal_name == '0'
 
 
 @pytest.mark.parametrize('protocol', ['ganomaly', 'one_class'])
@@ -264,18 +264,15 @@ def test_folder_dataset(tmp_path, nc):
   s = ip.load_splits(config)
   assert (s.train.shape, s.val.shape) == ((5, 32, 32, nc), (1, 32, 32, nc))
   np.testing.assert_array_equal(s.test_labels, [0, 0, 0, 1, 1])
-  assert [pathlib.Path(p).name for p in s.test_paths] == [
-    'n0.png',
-    'n1.png',
-    'n2.png',
-    'a0.JPG',
-    'a1.JPG',
-  ]
   assert s.abnormal_name == '1.abnormal'
-  want = np.asarray(
-    Image.open(root / 'test' / '0.normal' / 'n1.png').convert('RGB' if nc == 3 else 'L')
-  )
-  np.testing.assert_array_equal(s.test[1], want.reshape(32, 32, nc))  # 32x32: untouched.
+  for i in range(3):  # Normals first, in file-name order; 32x32: untouched.
+    want = np.asarray(
+      Image.open(root / 'test' / '0.normal' / f'n{i}.png').convert('RGB' if nc == 3 else 'L')
+    )
+    np.testing.assert_array_equal(s.test[i], want.reshape(32, 32, nc))
+  abnormal, paths = ip.load_images(str(root / 'test' / '1.abnormal'), 32, nc)
+  assert [pathlib.Path(p).name for p in paths] == ['a0.JPG', 'a1.JPG']
+  np.testing.assert_array_equal(s.test[3:], abnormal)
 
 
 def test_resize_center_crop(tmp_path):

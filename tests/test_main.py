@@ -3,6 +3,7 @@ outputs, kill -9 and resume, eval and score modes, load + score_fn, bad checkpoi
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,7 +50,25 @@ def trained(tmp_path_factory):
   proc = run_main(workdir, *TRAIN_FLAGS)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'AUROC' in proc.stdout and str(workdir) in proc.stdout
+  (workdir.parent / 'train_stderr.txt').write_text(proc.stderr)
   return workdir
+
+
+def info_sources(stderr: str) -> set:
+  """The source files of the absl INFO lines in a run's stderr."""
+  return set(re.findall(r'^I\d{4} [^\]]* (\S+?\.py):\d+\]', stderr, flags=re.MULTILINE))
+
+
+def test_default_logs_are_ours_only(trained):
+  # Orbax alone logged about 60 INFO lines per checkpoint. By default: our progress bar
+  # and our lines only: the JAX process, 'Training from step 0', one summary per epoch.
+  stderr = (trained.parent / 'train_stderr.txt').read_text()
+  assert info_sources(stderr) == {'main.py', 'train.py'}, stderr[-3000:]
+  lines = [line for line in stderr.split('\n') if line.strip()]  # (The bar's '\r' is '\n'.)
+  logs = [line for line in lines if re.match(r'[IWEF]\d{4} ', line)]
+  bars = [line for line in lines if re.match(r'epoch \d+/\d+: ', line)]
+  assert len(logs) + len(bars) == len(lines), lines
+  assert len(logs) == EPOCHS + 2 and sum('] epoch ' in line for line in logs) == EPOCHS, logs
 
 
 def test_training_writes_checkpoints_metrics_and_plots(trained):
@@ -142,9 +161,12 @@ def test_eval_mode_rebuilds_outputs(trained, tmp_path):
   proc = run_main(workdir, '--mode=eval')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (workdir / 'roc.png').is_file()
-  report = json.loads((workdir / 'metrics.json').read_text())['final']
-  original = json.loads((trained / 'metrics.json').read_text())['final']
-  assert report['auroc'] == pytest.approx(original['auroc'], abs=1e-4)
+  written = json.loads((workdir / 'metrics.json').read_text())
+  original = json.loads((trained / 'metrics.json').read_text())
+  assert written['final']['auroc'] == pytest.approx(original['final']['auroc'], abs=1e-4)
+  # metrics.json was deleted: the training history comes from the checkpoint.
+  assert written['history'][:EPOCHS] == original['history']
+  assert len(written['history']) == EPOCHS + 1 and written['final']['checkpoint'] == 'latest'
 
 
 def test_score_mode_writes_csv_and_maps(trained, tmp_path, rng):
@@ -152,8 +174,10 @@ def test_score_mode_writes_csv_and_maps(trained, tmp_path, rng):
   images.mkdir()
   for i in range(3):
     Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(images / f'{i}.png')
-  proc = run_main(trained, '--mode=score', f'--images={images}', '--maps')
+  proc = run_main(trained, '--mode=score', f'--images={images}', '--maps', '--verbosity=0')
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # An explicit --verbosity shows the libraries' INFO logs again (Orbax's restore).
+  assert info_sources(proc.stderr) - {'main.py', 'train.py', 'api.py'}, proc.stderr[-3000:]
   rows = (trained / 'scores.csv').read_text().splitlines()
   assert rows[0] == 'path,score,normalised_score,anomalous' and len(rows) == 4
   assert all(r.split(',')[3] in ('yes', 'no') for r in rows[1:])
@@ -179,12 +203,13 @@ def test_mismatched_config_is_named(trained, tmp_path):
     train.train_and_evaluate(config, str(workdir))
 
 
-def test_non_finite_loss_stops_loudly(tmp_path):
+def test_non_finite_loss_stops_loudly(tmp_path, progress_bars):
   config = tiny(load_config('demo'))
   config.loss.w_con = float('nan')
   config.num_epochs, config.max_steps_per_epoch, config.log_every_steps = 1, 2, 1
   with pytest.raises(train.DivergenceError, match='step 1'):
     train.train_and_evaluate(config, str(tmp_path))
+  assert progress_bars and all(bar.closed for bar in progress_bars)
 
 
 def test_misspelled_config_key_is_an_error(tmp_path):

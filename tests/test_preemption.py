@@ -1,7 +1,9 @@
 """SIGTERM (a preemption notice) through main.py: a checkpoint at the current step, exit 0,
-and a rerun of the same command resumes there and ends where an uninterrupted run ends."""
+and a rerun of the same command resumes there and ends where an uninterrupted run ends.
+In process: SIGTERM during an evaluation, and load() of a run preempted after an epoch."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -10,9 +12,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, load_config, tiny
 
-from skipganomaly_jax import api, checkpointing
+from skipganomaly_jax import api, checkpointing, evaluation, input_pipeline, metrics, train
+from skipganomaly_jax.scoring import score_details, score_fn
 
 STEPS = 20  # One epoch; SIGTERM arrives after the first step.
 TIMEOUT_S = 300
@@ -104,6 +107,10 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_exits_0(runs, saved_step):
   with checkpointing.Checkpointer(preempted / 'checkpoints') as ckpt:
     meta = ckpt.restore_meta()
   assert meta['data_iterator'] == {'epoch': 0, 'step_in_epoch': saved_step}
+  # Networks of a moment no bank or calibration was computed for: not loadable.
+  assert meta['calibration'] is None and meta['knn_bank_shape'] is None
+  with pytest.raises(checkpointing.CheckpointError, match='no evaluated checkpoint'):
+    api.load(str(preempted))
 
 
 def test_rerun_resumes_and_equals_uninterrupted(runs, saved_step):
@@ -119,3 +126,66 @@ def test_rerun_resumes_and_equals_uninterrupted(runs, saved_step):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, expected)
   reports = [json.loads((d / 'metrics.json').read_text())['final'] for d in (full, preempted)]
   assert reports[1]['auroc'] == pytest.approx(reports[0]['auroc'], abs=1e-6)
+
+
+def tiny_run_config(num_epochs: int):
+  config = tiny(load_config('demo'))
+  config.num_epochs, config.max_steps_per_epoch, config.log_every_steps = num_epochs, 2, 1
+  config.eval_batch_size, config.score_kind = 512, 'latent_knn'  # Has a k-NN bank.
+  return config
+
+
+def test_load_of_a_run_preempted_after_an_epoch(tmp_path, monkeypatch, progress_bars):
+  logged = train.check_and_log
+
+  def sigterm_after_step_3(ctx, pending, pbar, tick):  # A real signal, to this process.
+    logged(ctx, pending, pbar, tick)
+    if pending and pending[-1][0] == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train, 'check_and_log', sigterm_after_step_3)
+  config = tiny_run_config(num_epochs=2)
+  report = train.train_and_evaluate(config, str(tmp_path))
+  assert report['epoch'] == 1 and report['step'] == 2
+  with checkpointing.Checkpointer(tmp_path / 'checkpoints') as ckpt:
+    assert ckpt.all_steps() == [2, 3]
+  # load() gives epoch 1's checkpoint, whose bank and calibration are its networks'.
+  params, _, calibration = api.load(str(tmp_path))
+  splits = input_pipeline.load_splits(config)
+  no_bank = {k: v for k, v in params.items() if k != 'knn_bank'}
+  codes = np.asarray(score_details(no_bank, splits.train)['code'], np.float64)
+  codes /= np.linalg.norm(codes, axis=1, keepdims=True)
+  np.testing.assert_allclose(params['knn_bank'], codes, atol=1e-5)
+  val = np.asarray(score_fn(params, splits.val))
+  refit = metrics.Calibration.fit(val, config.threshold_percentile)
+  assert calibration.threshold == pytest.approx(refit.threshold, rel=1e-4)
+  with pytest.raises(checkpointing.CheckpointError, match='saved on preemption'):
+    api.load(str(tmp_path), 3)
+  assert progress_bars and all(bar.closed for bar in progress_bars)
+
+
+def test_sigterm_during_evaluation_stops_between_batches(tmp_path, monkeypatch):
+  calls = []
+  scorer_call = evaluation.DatasetScorer.__call__
+
+  def sigterm_in_second_batch(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return scorer_call(self, *args, **kwargs)
+
+  monkeypatch.setattr(evaluation.DatasetScorer, '__call__', sigterm_in_second_batch)
+  config = tiny_run_config(num_epochs=1)  # The k-NN bank alone is 7 batches of 512.
+  assert train.train_and_evaluate(config, str(tmp_path)) == {}
+  assert len(calls) == 2  # No batch after the signal.
+  assert not (tmp_path / 'metrics.json').exists()
+  with checkpointing.Checkpointer(tmp_path / 'checkpoints') as ckpt:
+    meta = ckpt.restore_meta()
+    assert ckpt.all_steps() == [2] and meta['calibration'] is None
+  monkeypatch.setattr(evaluation.DatasetScorer, '__call__', scorer_call)
+  report = train.train_and_evaluate(config, str(tmp_path))  # Resumes with the evaluation.
+  assert report['epoch'] == 1 and report['step'] == 2
+  with checkpointing.Checkpointer(tmp_path / 'checkpoints') as ckpt:
+    assert ckpt.all_steps() == [2] and ckpt.restore_meta()['calibration'] is not None
+  _, _, calibration = api.load(str(tmp_path))
+  assert calibration.threshold == pytest.approx(report['threshold'])

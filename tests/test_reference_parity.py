@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from skipganomaly_jax import scoring, torch_weights
-from skipganomaly_jax import train_step as ts
+from skipganomaly_jax import scoring, torch_weights, training_step
 from skipganomaly_jax.models import ModelSpec
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / 'data' / 'reference_parity_ngf8.npz'
@@ -85,14 +84,14 @@ def run_steps(ref, config):
   Returns {'init': (g, d), 'step1': (g, d, metrics), 'step3': (g, d, metrics)}.
   """
   init = variables(ref, 'init')
-  g, d = ts.create_train_states(config, jax.random.key(0))
+  g, d = training_step.create_train_states(config, jax.random.key(0))
   g = g.replace(params=init['generator']['params'], batch_stats=init['generator']['batch_stats'])
   d = d.replace(
     params=init['discriminator']['params'], batch_stats=init['discriminator']['batch_stats']
   )
   g = g.replace(opt_state=g.tx.init(g.params))
   d = d.replace(opt_state=d.tx.init(d.params))
-  step = jax.jit(functools.partial(ts.train_step, config=config))
+  step = jax.jit(functools.partial(training_step.train_step, config=config))
   out = {'init': (g, d)}
   for i, name in enumerate(('x0', 'x1', 'x2')):
     g, d, metrics = step(g, d, nhwc(ref[name]), jax.random.key(i))

@@ -6,8 +6,7 @@ import pytest
 from jax.sharding import Mesh
 
 import skipganomaly_jax
-from skipganomaly_jax import evaluation, score_details, score_fn, score_maps, scoring
-from skipganomaly_jax import train_step as ts
+from skipganomaly_jax import evaluation, score_details, score_fn, score_maps, scoring, training_step
 from skipganomaly_jax.models import ModelSpec
 from skipganomaly_jax.scoring import _knn_distance, normalise_codes, scoring_variables
 
@@ -18,7 +17,7 @@ def params():
 
   config = conftest.tiny(conftest.load_config('default'))
   config.nc = 1
-  g, d = ts.create_train_states(config, jax.random.key(0))
+  g, d = training_step.create_train_states(config, jax.random.key(0))
   # Non-trivial running statistics, as after training.
   d = d.replace(batch_stats=jax.tree.map(lambda v: v + 0.3, d.batch_stats))
   return scoring_variables(g, d)

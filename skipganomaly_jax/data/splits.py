@@ -34,7 +34,6 @@ class DataSplits:
     test: uint8 test images, normals first.
     test_labels: int32 (N,): 0 normal, 1 abnormal.
     abnormal_name: name of the abnormal class (e.g. '0', 'automobile', '1.abnormal').
-    test_paths: the file of each test image (folder datasets only).
   """
 
   train: np.ndarray
@@ -42,7 +41,6 @@ class DataSplits:
   test: np.ndarray
   test_labels: np.ndarray
   abnormal_name: str
-  test_paths: tuple[str, ...] | None = None
 
 
 def resolve_class(abnormal_class: int | str, class_names: tuple[str, ...], dataset: str) -> int:
@@ -207,5 +205,4 @@ def load_splits(config) -> DataSplits:
     test=pool.images[test_idx],
     test_labels=test_labels,
     abnormal_name=pool.class_names[abnormal],
-    test_paths=None if pool.paths is None else tuple(pool.paths[i] for i in test_idx),
   )

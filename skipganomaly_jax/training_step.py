@@ -24,29 +24,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from skipganomaly_jax import losses
+from skipganomaly_jax.mesh import AXIS
 from skipganomaly_jax.models import ModelSpec, reinit_params
-
-AXIS = 'batch'  # The data-parallel mesh axis.
+from skipganomaly_jax.run_config import compute_dtype
 
 
 class TrainState(train_state.TrainState):
-  """Flax TrainState plus BatchNorm running statistics."""
+  """Flax TrainState plus BatchNorm running statistics; `apply_fn` is unused (None)."""
 
   batch_stats: Any = None
-
-
-def compute_dtype(config):
-  """The compute dtype named by `config.dtype` ('float32' or 'bfloat16')."""
-  if config.dtype not in ('float32', 'bfloat16'):
-    raise ValueError(f"config.dtype must be 'float32' or 'bfloat16'; got {config.dtype!r}.")
-  return jnp.dtype(config.dtype)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -75,11 +67,13 @@ def create_train_states(
   g_vars = jax.jit(functools.partial(g_model.init, train=False))(g_rng, dummy)
   d_vars = jax.jit(functools.partial(d_model.init, train=False))(d_rng, dummy)
   tx = make_optimizer(config) if tx is None else tx
+  # No apply_fn: the step builds its models from the config (with the mesh axis and
+  # compute dtype), so a stored model.apply would never be called.
   g_state = TrainState.create(
-    apply_fn=g_model.apply, params=g_vars['params'], batch_stats=g_vars['batch_stats'], tx=tx
+    apply_fn=None, params=g_vars['params'], batch_stats=g_vars['batch_stats'], tx=tx
   )
   d_state = TrainState.create(
-    apply_fn=d_model.apply, params=d_vars['params'], batch_stats=d_vars['batch_stats'], tx=tx
+    apply_fn=None, params=d_vars['params'], batch_stats=d_vars['batch_stats'], tx=tx
   )
   return g_state, d_state
 
@@ -173,32 +167,16 @@ def train_step(
   return g_state, d_state, metrics
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D data-parallel mesh over all devices of all processes."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (AXIS,))
-
-
 def make_parallel_train_step(config, mesh: Mesh):
   """`train_step` mapped over the mesh with shard_map, jitted, state buffers donated.
 
   Returns:
     step(g_state, d_state, batch, rng) -> (g_state, d_state, metrics), where the states
     and rng are replicated and `batch` is a global array sharded over the batch axis
-    (see `shard_batch`).
+    (see `mesh.shard_batch`).
   """
   per_device = functools.partial(train_step, config=config, axis_name=AXIS)
   mapped = jax.shard_map(
     per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS), P()), out_specs=(P(), P(), P())
   )
   return jax.jit(mapped, donate_argnums=(0, 1))
-
-
-def replicate(tree, mesh: Mesh):
-  """Places a pytree (identical in every process) replicated on all mesh devices."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def shard_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
-  """This process's share of a global batch -> one global array split over devices."""
-  return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local_batch)

@@ -1,0 +1,87 @@
+"""Checks of a run's ConfigDict, the config stored with a checkpoint, checkpoint selectors.
+
+Every enumerated field is checked when a run starts (and when a stored config is read
+back), so that a typo fails at once with the allowed values instead of silently meaning
+the default.
+"""
+
+import jax.numpy as jnp
+import ml_collections
+
+from skipganomaly_jax.data.splits import PROTOCOLS as DATASET_PROTOCOLS
+from skipganomaly_jax.scoring import SCORE_KINDS
+
+# 'ours': eval-mode BatchNorm only; 'reference': also the reference code's test AUROC.
+EVAL_PROTOCOLS = ('ours', 'reference')
+DTYPES = ('float32', 'bfloat16')
+CHECKPOINT_NAMES = ('latest', 'best')
+# Fields renamed since older runs stored their config: old name -> new name.
+RENAMED_FIELDS = {'protocol': 'eval_protocol'}
+
+
+def _enumerated(config) -> dict:
+  """The enumerated fields of a config: dotted name -> (value, allowed values)."""
+  return {
+    'score_kind': (config.score_kind, SCORE_KINDS),
+    'eval_protocol': (config.eval_protocol, EVAL_PROTOCOLS),
+    'dtype': (config.dtype, DTYPES),
+    'dataset.protocol': (config.dataset.protocol, DATASET_PROTOCOLS),
+  }
+
+
+def validate(config) -> None:
+  """Raises ValueError naming the field and its allowed values if one is not allowed."""
+  for name, (value, allowed) in _enumerated(config).items():
+    if value not in allowed:
+      raise ValueError(
+        f'config.{name} must be one of {allowed}; got {value!r} '
+        f'(set --config.{name}={allowed[0]}, for example).'
+      )
+
+
+def compute_dtype(config):
+  """The compute dtype named by `config.dtype` ('float32' or 'bfloat16')."""
+  if config.dtype not in DTYPES:
+    raise ValueError(f'config.dtype must be one of {DTYPES}; got {config.dtype!r}.')
+  return jnp.dtype(config.dtype)
+
+
+def from_stored(stored: dict) -> ml_collections.ConfigDict:
+  """The ConfigDict of a checkpoint's meta['config'], with renamed fields mapped, checked.
+
+  Args:
+    stored: the JSON dict written by training (`config.to_json()`).
+
+  Returns:
+    The run's config, with every field under its current name.
+
+  Raises:
+    ValueError: an enumerated field has a value this version does not know.
+  """
+  stored = dict(stored)
+  for old, new in RENAMED_FIELDS.items():
+    if old in stored and new not in stored:
+      stored[new] = stored.pop(old)
+  config = ml_collections.ConfigDict(stored)
+  validate(config)
+  return config
+
+
+def checkpoint_selector(which) -> str | int:
+  """'latest', 'best' or a step number (from an int or a string of digits).
+
+  Raises:
+    ValueError: anything else (names the allowed values).
+  """
+  if which is None:
+    return 'latest'
+  if isinstance(which, int) and not isinstance(which, bool) and which >= 0:
+    return which
+  if isinstance(which, str):
+    if which in CHECKPOINT_NAMES:
+      return which
+    if which.strip().isdigit():
+      return int(which)
+  raise ValueError(
+    f"checkpoint must be 'latest', 'best' or a step number (e.g. --checkpoint=120); got {which!r}."
+  )

@@ -1,0 +1,170 @@
+"""eval and score modes judge a run by its own config; enumerated fields are checked.
+
+One tiny in-process run exercises the non-default settings together: 64x64 images, the
+paper score with lambda = 0.5, bfloat16 compute and the reference evaluation protocol.
+"""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import ROOT, load_config, tiny
+from PIL import Image
+
+from skipganomaly_jax import api, input_pipeline, metrics, run_config, score_details, train
+from skipganomaly_jax.models import ModelSpec
+
+LAM = 0.5
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """(workdir, config, training report) of the tiny 64x64 paper-score bf16 run."""
+  workdir = tmp_path_factory.mktemp('modes')
+  config = tiny(load_config('demo'))
+  config.isize, config.score_kind, config.score_lambda = 64, 'paper', LAM
+  config.dtype, config.eval_protocol = 'bfloat16', 'reference'
+  config.num_epochs, config.max_steps_per_epoch, config.eval_batch_size = 1, 2, 512
+  report = train.train_and_evaluate(config, str(workdir))
+  return workdir, config, report
+
+
+def reference_scores(params, images, spec: ModelSpec, dtype) -> np.ndarray:
+  """The reference's test scores, recomputed: train-mode BatchNorm, batches of 64, the
+  run's compute dtype (as every score of the run)."""
+  g, d = spec.generator(dtype=dtype), spec.discriminator(dtype=dtype)
+
+  def apply(model, variables, x):  # Batch statistics; the running ones are not updated.
+    return model.apply(variables, x, train=True, mutable=['batch_stats'])[0]
+
+  out = []
+  for start in range(0, len(images), 64):
+    x = jnp.asarray(images[start : start + 64], jnp.float32) / 127.5 - 1
+    x_hat = apply(g, params['generator'], x)
+    _, f_real = apply(d, params['discriminator'], x)
+    _, f_fake = apply(d, params['discriminator'], x_hat)
+    rec = np.mean(np.square(np.asarray(x - x_hat, np.float64)), axis=(1, 2, 3))
+    lat = np.mean(np.square(np.asarray(f_real - f_fake, np.float64)), axis=1)
+    out.append(LAM * rec + (1 - LAM) * lat)
+  return np.concatenate(out)
+
+
+def test_isize_64_run_writes_its_outputs(run):
+  workdir, _, report = run
+  for name in ('metrics.json', 'roc.png', 'score_histogram.png', 'reconstructions.png'):
+    assert (workdir / name).is_file(), name
+  params, config, _ = api.load(str(workdir))
+  assert config.isize == 64 and params['generator']['params']
+  assert ModelSpec.from_variables(params).isize == 64
+  written = json.loads((workdir / 'metrics.json').read_text())
+  assert written['score_lambda'] == LAM and written['eval_protocol'] == 'reference'
+  assert report['num_normal'] == 900 and report['num_abnormal'] == 500
+
+
+def test_reference_protocol_auroc_is_the_references(run):
+  workdir, config, report = run
+  params, _, _ = api.load(str(workdir))
+  splits = input_pipeline.load_splits(config)
+  expected = metrics.auroc(
+    splits.test_labels,
+    reference_scores(params, splits.test, ModelSpec.from_config(config), jnp.dtype(config.dtype)),
+  )
+  assert report['reference_protocol_auroc'] == pytest.approx(expected, abs=1e-4)
+
+
+def test_eval_appends_its_report_with_the_runs_score(run):
+  workdir, _, trained = run
+  report = api.evaluate_checkpoint(str(workdir))
+  history = json.loads((workdir / 'metrics.json').read_text())['history']
+  assert len(history) == 2 and history[0] == json.loads(json.dumps(trained))
+  assert history[1]['checkpoint'] == 'latest' and history[1]['step'] == 2
+  # The same lambda, dtype and batches as training: the same numbers.
+  for key in ('threshold', 'mean_score_normal', 'mean_score_abnormal', 'auroc', 'val_score'):
+    assert report[key] == pytest.approx(trained[key], rel=1e-6), key
+  assert report['reference_protocol_auroc'] == pytest.approx(
+    trained['reference_protocol_auroc'], abs=1e-9
+  )
+
+
+def test_score_mode_scores_with_the_runs_lambda(run, tmp_path):
+  workdir, config, _ = run
+  splits = input_pipeline.load_splits(config)
+  pick = np.r_[0:4, len(splits.test) - 4 : len(splits.test)]  # 4 normal, 4 abnormal.
+  for i in pick:
+    Image.fromarray(splits.test[i, ..., 0]).save(tmp_path / f'{i:04d}.png')
+  csv_path = api.score_path(str(workdir), str(tmp_path))
+  rows = [line.split(',') for line in open(csv_path).read().splitlines()[1:]]
+  scores = np.array([float(r[1]) for r in rows])
+  params, _, calibration = api.load(str(workdir))
+  terms = score_details(params, splits.test[pick])  # float32: rec and lat only.
+  rec, lat = np.asarray(terms['rec'], np.float64), np.asarray(terms['lat'], np.float64)
+  np.testing.assert_allclose(scores, LAM * rec + (1 - LAM) * lat, rtol=0.05)  # bf16 run.
+  assert not np.allclose(scores, 0.9 * rec + 0.1 * lat, rtol=0.05)  # Not the default lambda.
+  threshold = json.loads((workdir / 'metrics.json').read_text())['calibration']['threshold']
+  assert calibration.threshold == pytest.approx(threshold)
+  assert [r[3] for r in rows] == ['yes' if s > threshold else 'no' for s in scores]
+
+
+@pytest.mark.parametrize(
+  'field, value',
+  [
+    ('score_kind', 'knn'),
+    ('eval_protocol', 'referenc'),
+    ('dtype', 'float16'),
+    ('dataset.protocol', 'one-class'),
+  ],
+)
+def test_enumerated_fields_are_checked_at_start(tmp_path, field, value):
+  config = tiny(load_config('demo'))
+  parent, _, name = ('config.' + field).rpartition('.')
+  setattr(config if parent == 'config' else config.dataset, name, value)
+  with pytest.raises(ValueError, match=rf'config\.{field} must be one of \('):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()  # Nothing started.
+
+
+def test_old_field_name_of_a_stored_config_is_mapped():
+  stored = json.loads(load_config('demo').to_json())
+  stored['protocol'] = stored.pop('eval_protocol')
+  stored['protocol'] = 'reference'
+  config = run_config.from_stored(stored)
+  assert config.eval_protocol == 'reference' and 'protocol' not in config
+
+
+@pytest.mark.parametrize('which, expected', [('latest', 'latest'), ('best', 'best'), ('12', 12)])
+def test_checkpoint_selector(which, expected):
+  assert run_config.checkpoint_selector(which) == expected
+
+
+@pytest.mark.parametrize('which', ['foo', '-3', '1.5', ''])
+def test_bad_checkpoint_selector_names_the_allowed_values(which, tmp_path):
+  with pytest.raises(ValueError, match="'latest', 'best' or a step number"):
+    api.load(str(tmp_path), which)
+
+
+def test_stored_config_with_an_unknown_value_is_refused():
+  stored = ml_collections.ConfigDict(load_config('demo')).to_dict()
+  stored['score_kind'] = 'pixel_knn'
+  with pytest.raises(ValueError, match='config.score_kind must be one of'):
+    run_config.from_stored(stored)
+
+
+def test_loading_and_evaluation_need_no_training_code():
+  code = (
+    'import sys; import skipganomaly_jax.api, skipganomaly_jax.evaluation; '
+    "print(sorted(m for m in ('optax', 'skipganomaly_jax.training_step', "
+    "'skipganomaly_jax.losses') if m in sys.modules))"
+  )
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0 and out.stdout.strip() == '[]', out.stderr[-2000:]
+
+
+def test_bad_checkpoint_flag_names_the_allowed_values(tmp_path):
+  cmd = [sys.executable, 'main.py', f'--workdir={tmp_path}', '--mode=eval', '--checkpoint=foo']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "'latest', 'best' or a step number" in proc.stderr
+  assert 'invalid literal' not in proc.stderr

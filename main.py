@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from skipganomaly_jax import api, train
+from skipganomaly_jax import api, localisation, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -65,14 +65,16 @@ def main(argv):
       print(
         f'AUROC {report["auroc"]:.4f} ({FLAGS.config.score_kind} score; average precision '
         f'{report["average_precision"]:.4f}, F1 {report["f1"]:.4f}; paper score AUROC '
-        f'{report["paper_score_auroc"]:.4f}) after epoch {report["epoch"]}; outputs in '
+        f'{report["paper_score_auroc"]:.4f}{localisation.summary(report)}) after epoch '
+        f'{report["epoch"]}; outputs in '
         f'{FLAGS.workdir}/ (metrics.json, roc.png, score_histogram.png, reconstructions.png)'
       )
   elif FLAGS.mode == 'eval':
     report = api.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
     print(
       f'AUROC {report["auroc"]:.4f} ({FLAGS.checkpoint} checkpoint; paper score AUROC '
-      f'{report["paper_score_auroc"]:.4f}); outputs rewritten in {FLAGS.workdir}/'
+      f'{report["paper_score_auroc"]:.4f}{localisation.summary(report)}); outputs rewritten in '
+      f'{FLAGS.workdir}/'
     )
   else:
     if not FLAGS.images:

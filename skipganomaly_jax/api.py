@@ -10,7 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from skipganomaly_jax import checkpointing, input_pipeline, metrics, outputs
+from skipganomaly_jax import checkpointing, input_pipeline, localisation, metrics, outputs, overlays
 from skipganomaly_jax import train_step as ts
 from skipganomaly_jax.scoring import score_details, scoring_variables
 
@@ -81,16 +81,23 @@ def evaluate_checkpoint(workdir: str, which='latest') -> dict:
   """Re-evaluates a checkpoint on its test set and rewrites the workdir's outputs."""
   params, config, calibration = load(workdir, which)
   splits = input_pipeline.load_splits(config)
-  if calibration is None:
-    calibration = metrics.Calibration.fit(
-      np.asarray(score_details(params, splits.val)['score']), config.threshold_percentile
-    )
   test = score_details(params, splits.test)
   scores = np.asarray(test['score'])
+  loc = None  # Localisation (issue 12): map scores, pixel AUROC and PRO when masks exist.
+  if localisation.needed(config, splits):
+    loc = localisation.evaluate(config, params, splits)
+    scores = scores if loc.test_scores is None else loc.test_scores
+  if calibration is None:
+    val = loc.val_scores if loc and loc.val_scores is not None else None
+    if val is None:
+      val = np.asarray(score_details(params, splits.val)['score'])
+    calibration = metrics.Calibration.fit(val, config.threshold_percentile)
   report = metrics.evaluate(splits.test_labels, scores, calibration)
+  report.update(loc.report if loc else {}, score_kind=config.score_kind)
   report['paper_score_auroc'] = metrics.auroc(splits.test_labels, np.asarray(test['paper_score']))
   report['checkpoint'] = which
   outputs.write_all(workdir, splits, params, scores, [report], calibration)
+  overlays.write_overlays(workdir, config, params, splits)
   return report
 
 
@@ -111,6 +118,8 @@ def score_path(workdir: str, images_path: str, write_maps: bool = False, which='
     )
   images, paths = input_pipeline.load_images(images_path, config.isize, config.nc)
   details = score_details(params, images, return_maps=write_maps)
+  if config.score_kind in localisation.MAP_SCORE_KINDS:  # Localisation (issue 12).
+    details = localisation.score_images(config, params, images)
   csv_path = os.path.join(workdir, 'scores.csv')
   outputs.write_scores_csv(csv_path, paths, np.asarray(details['score']), calibration)
   if write_maps:

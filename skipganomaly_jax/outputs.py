@@ -53,7 +53,7 @@ def write_all(
         'calibration': calibration.to_dict(),
         'abnormal_class': splits.abnormal_name,
         'protocol': PROTOCOL_NOTE,
-        'score_kind': 'latent_knn' if 'knn_bank' in variables else 'paper',
+        'score_kind': final.get('score_kind', 'latent_knn' if 'knn_bank' in variables else 'paper'),
         'score': SCORE_NOTE,
       },
       f,

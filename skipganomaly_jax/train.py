@@ -20,7 +20,15 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from skipganomaly_jax import checkpointing, evaluation, input_pipeline, metrics, outputs
+from skipganomaly_jax import (
+  checkpointing,
+  evaluation,
+  input_pipeline,
+  localisation,
+  metrics,
+  outputs,
+  overlays,
+)
 from skipganomaly_jax import train_step as ts
 from skipganomaly_jax.metric_writer import MetricWriter
 from skipganomaly_jax.models import ModelSpec
@@ -74,8 +82,12 @@ def setup(config, workdir: str) -> Run:
   spec = ModelSpec.from_config(config)
   dtype = ts.compute_dtype(config)
   mesh = ts.make_mesh()
-  if config.score_kind not in SCORE_KINDS:
-    raise ValueError(f'config.score_kind must be one of {SCORE_KINDS}; got {config.score_kind!r}.')
+  if config.score_kind not in SCORE_KINDS + localisation.MAP_SCORE_KINDS:
+    raise ValueError(
+      f'config.score_kind must be one of {SCORE_KINDS} or a map score '
+      f'{localisation.MAP_SCORE_KINDS}; got {config.score_kind!r}.'
+    )
+  localisation.Settings.from_config(config)  # Checks config.localisation early.
   if config.batch_size % mesh.size:
     raise ValueError(
       f'config.batch_size={config.batch_size} must be a multiple of the '
@@ -215,10 +227,16 @@ def evaluate_epoch(run: Run, g, d, epoch: int, step: int):
   knn_bank = build_knn_bank(run, scoring_variables(g, d))
   variables = scoring_variables(g, d, knn_bank)
   val_scores = run.scorer(variables, run.splits.val)['score']
-  calibration = metrics.Calibration.fit(val_scores, run.config.threshold_percentile)
   test = run.scorer(variables, run.splits.test)
   test_scores = test['score']
+  loc = None  # Localisation (issue 12): map scores, pixel AUROC and PRO when masks exist.
+  if localisation.needed(run.config, run.splits):
+    loc = localisation.evaluate(run.config, jax.device_get(variables), run.splits)
+    if loc.test_scores is not None:
+      val_scores, test_scores = loc.val_scores, loc.test_scores
+  calibration = metrics.Calibration.fit(val_scores, run.config.threshold_percentile)
   report = metrics.evaluate(run.splits.test_labels, test_scores, calibration)
+  report.update(loc.report if loc else {}, score_kind=run.config.score_kind)
   report.update(epoch=epoch, step=step, val_score=float(np.mean(val_scores)))
   report['paper_score_auroc'] = metrics.auroc(run.splits.test_labels, test['paper_score'])
   if run.config.protocol == 'reference':
@@ -279,6 +297,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run.checkpointer.wait()
     if test_scores is None and history:  # Resumed after the last epoch: score again.
       test_scores = run.scorer(scoring_variables(g, d, knn_bank), run.splits.test)['score']
+      if config.score_kind in localisation.MAP_SCORE_KINDS:
+        host = jax.device_get(scoring_variables(g, d))
+        test_scores = localisation.evaluate(config, host, run.splits).test_scores
     if history and jax.process_index() == 0:
       # Host copies: a jit over the global (all-process) arrays would have to run in
       # every process, but only process 0 plots.
@@ -290,6 +311,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         history,
         calibration,
       )
+      overlays.write_overlays(workdir, config, jax.device_get(scoring_variables(g, d)), run.splits)
   finally:
     stop.restore()
     run.checkpointer.close()
@@ -305,5 +327,7 @@ def _summary(report: dict) -> str:
     'val_score',
     'paper_score_auroc',
     'reference_protocol_auroc',
+    'pixel_auroc',
+    'pro',
   )
   return ', '.join(f'{k}={report[k]:.4f}' for k in keys if k in report)

@@ -33,6 +33,8 @@ class DataSplits:
     test_labels: int32 (N,): 0 normal, 1 abnormal.
     abnormal_name: name of the abnormal class (e.g. '0', 'automobile', '1.abnormal').
     test_paths: the file of each test image (folder datasets only).
+    test_masks: uint8 (N, isize, isize) defect masks in {0, 1} of the test images, when
+      the source has them (data/mvtec.py); all zero for normal images.
   """
 
   train: np.ndarray
@@ -41,6 +43,7 @@ class DataSplits:
   test_labels: np.ndarray
   abnormal_name: str
   test_paths: tuple[str, ...] | None = None
+  test_masks: np.ndarray | None = None  # issue 12 (localisation): data/mvtec.py.
 
 
 def resolve_class(abnormal_class: int | str, class_names: tuple[str, ...], dataset: str) -> int:

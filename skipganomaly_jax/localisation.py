@@ -95,6 +95,9 @@ def gaussian_filter(maps, sigma: float):
   return out
 
 
+_smooth = jax.jit(gaussian_filter, static_argnums=1)
+
+
 def _d_features(spec: ModelSpec, variables, x, levels: int) -> list:
   """D's first `levels` feature maps (conv_0, bn_1, ...), pre-activation."""
   names = ['conv_0'] + [f'bn_{i}' for i in range(1, levels)]
@@ -172,7 +175,7 @@ def combine(terms: dict, settings: Settings, scale: dict | None = None) -> np.nd
     if scale is None or 'd' not in terms:
       raise ValueError("map='rec+d' needs the 'd' term and the validation scale.")
     raw = terms['rec'] / scale['rec'] + settings.d_weight * terms['d'] / scale['d']
-  return np.asarray(jax.jit(gaussian_filter, static_argnums=1)(raw, float(settings.sigma)))
+  return np.asarray(_smooth(raw, float(settings.sigma)))
 
 
 def image_scores(maps, kind: str, topk_fraction: float = 0.01) -> np.ndarray:

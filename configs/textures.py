@@ -13,8 +13,8 @@ Gaussian sigma 2 px, image score = mean of the top 1% of map pixels ('map_topk')
 mean pixel AUROC / PRO of the variants measured (benchmarks/results/localisation.md).
 Expected (brick, seed 0): image AUROC 0.851, pixel AUROC 0.921, PRO 0.820 (no-network
 baseline: 0.626, 0.660, 0.395); grass and gravel are harder (0.487 / 0.660 / 0.452 and
-0.645 / 0.695 / 0.474). Took 9-15 min per texture on this project's 2-core CPU while
-other jobs shared it (compilation and an evaluation after every epoch included).
+0.645 / 0.695 / 0.474). Brick took 6 min 22 s on this project's 2-core CPU while other
+jobs shared it (6-15 min seen; compilation and an evaluation after every epoch included).
 Prints image AUROC, pixel AUROC and PRO (FPR <= 0.3); localisation.png shows maps and
 mask contours.
 """

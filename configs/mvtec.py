@@ -11,8 +11,10 @@ Images are resized to 256 px (shorter side, then centre crop; masks by nearest
 neighbour), RGB; 5% of train/good is held out for calibration. Reports image AUROC,
 pixel AUROC and PRO up to FPR 0.3 (metrics.json, TensorBoard, printed), overlays in
 localisation.png. Gray categories (grid, screw, zipper) are converted to RGB; add
---config.nc=1 to train on one channel. Batch 16: at 256 px the default widths need
-about 24 GB of host memory at batch 64 on CPU (benchmarks/results/resolution.md).
+--config.nc=1 to train on one channel. Batch 16: MVTec categories have 60-400 training
+images, so batch 64 would give few steps per epoch; batch 64 also fits (estimated 15 GiB of
+host memory at 256 px on CPU; benchmarks/results/resolution.md). About 0.6 training
+images/s on a 2-core CPU at 256 px: use a GPU.
 Result: not measured here (no internet to download MVTec AD).
 """
 

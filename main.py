@@ -13,7 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from skipganomaly_jax import api, export, log_setup, run_config, train
+from skipganomaly_jax import api, export, localisation, log_setup, run_config, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -80,16 +80,16 @@ def main(argv):
       print(
         f'AUROC {report["paper_score_auroc"]:.4f} (paper score; latent k-NN score '
         f'{report["latent_knn_auroc"]:.4f}; {FLAGS.config.score_kind} score: average '
-        f'precision {report["average_precision"]:.4f}, F1 {report["f1"]:.4f}) after epoch '
-        f'{report["epoch"]}; outputs in {FLAGS.workdir}/ (metrics.json, roc.png, '
-        'score_histogram.png, reconstructions.png)'
+        f'precision {report["average_precision"]:.4f}, F1 {report["f1"]:.4f}'
+        f'{localisation.summary(report)}) after epoch {report["epoch"]}; outputs in '
+        f'{FLAGS.workdir}/ (metrics.json, roc.png, score_histogram.png, reconstructions.png)'
       )
   elif FLAGS.mode == 'eval':
     report = api.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
     print(
       f'AUROC {report["paper_score_auroc"]:.4f} (paper score; latent k-NN score '
-      f'{report["latent_knn_auroc"]:.4f}; {FLAGS.checkpoint} checkpoint); outputs rewritten '
-      f'in {FLAGS.workdir}/'
+      f'{report["latent_knn_auroc"]:.4f}{localisation.summary(report)}; {FLAGS.checkpoint} '
+      f'checkpoint); outputs rewritten in {FLAGS.workdir}/'
     )
   elif FLAGS.mode == 'export':
     print('Exported to', export.export_run(FLAGS.workdir, FLAGS.format, FLAGS.checkpoint))

@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Arrays datasets: an .npz with images (N, H, W, C) uint8, labels (N,) int, optional
   # class_names (K,) str and is_test (N,) bool ('one_class' needs is_test).
   config.dataset.path = ''
+  # 'mvtec' datasets: the category folder under root (root/category/{train,test,ground_truth});
+  # '' = root is the category folder itself.
+  config.dataset.category = ''
   # The class treated as anomalous, as a string: an index ('3') or a name ('automobile').
   # Ignored by
   # folder datasets, whose labels come from the folder names.
@@ -81,4 +84,15 @@ def get_config() -> ml_collections.ConfigDict:
   # BatchNorm, honest) or 'reference' (also reports the reference's train-mode-BatchNorm
   # test AUROC, labelled as such). Named 'protocol' before; old checkpoints still load.
   config.eval_protocol = 'ours'
+
+  # Localisation (skipganomaly_jax/localisation.py): per-pixel anomaly maps; pixel AUROC
+  # and PRO are reported when the test set has masks ('mvtec' datasets); score_kind
+  # 'map_max' / 'map_topk' score images from their map.
+  config.localisation = ml_collections.ConfigDict()
+  config.localisation.map = 'rec'  # 'rec' ((x - G(x))^2) or 'rec+d' (+ D feature differences).
+  config.localisation.d_weight = 1.0  # 'rec+d': weight of the D term (both in val-normal units).
+  config.localisation.d_levels = 2  # 'rec+d': D levels used (isize/2, isize/4, ...).
+  config.localisation.sigma = 4.0  # Gaussian smoothing of the map, in pixels (0 = none).
+  config.localisation.topk_fraction = 0.01  # 'map_topk': mean of this fraction of top pixels.
+  config.localisation.num_overlays = 4  # Normal and defective images in localisation.png.
   return config

@@ -18,7 +18,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from skipganomaly_jax import checkpointing, evaluation, input_pipeline, metrics, outputs, run_config
+from skipganomaly_jax import (
+  checkpointing,
+  evaluation,
+  input_pipeline,
+  localisation,
+  metrics,
+  outputs,
+  overlays,
+  run_config,
+)
 from skipganomaly_jax.mesh import make_mesh
 from skipganomaly_jax.scoring import score_details
 
@@ -196,6 +205,7 @@ def evaluate_checkpoint(workdir: str, which='latest') -> dict:
   report = {'checkpoint': str(which), 'epoch': epoch, 'step': model.step, **report}
   history = _previous_history(workdir, model.history) + [report]
   outputs.write_all(workdir, splits, model.params, test_scores, history, calibration, model.config)
+  overlays.write_overlays(workdir, model.config, model.params, splits)
   return report
 
 
@@ -220,10 +230,17 @@ def score_path(workdir: str, images_path: str, write_maps: bool = False, which='
     )
   config = model.config
   images, paths = input_pipeline.load_images(images_path, config.isize, config.nc)
-  scores = model.scorer(model.params, images)['score']
+  local = None  # A map score: the run's smoothed maps and their image scores.
+  if config.score_kind in localisation.MAP_SCORE_KINDS:
+    local = localisation.score_images(config, model.params, images)
+  scores = local['score'] if local else model.scorer(model.params, images)['score']
   csv_path = os.path.join(workdir, 'scores.csv')
   outputs.write_scores_csv(csv_path, paths, scores, model.calibration)
-  if write_maps:  # |x - G(x)|: no lambda in it.
-    maps = score_details(model.params, images, return_maps=True)['anomaly_map']
+  if write_maps:  # |x - G(x)| (no lambda in it), or the map score's own maps.
+    maps = (
+      local['anomaly_map']
+      if local
+      else score_details(model.params, images, return_maps=True)['anomaly_map']
+    )
     outputs.write_anomaly_maps(os.path.join(workdir, 'anomaly_maps'), paths, np.asarray(maps))
   return csv_path

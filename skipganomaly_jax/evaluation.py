@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from skipganomaly_jax import metrics
+from skipganomaly_jax import localisation, metrics
 from skipganomaly_jax.data.batches import eval_batches
 from skipganomaly_jax.data.images import check_batch_shape, to_float
 from skipganomaly_jax.mesh import AXIS, shard_batch
@@ -216,7 +216,9 @@ def evaluate(scorer: DatasetScorer, variables, splits, config, calibration=None,
   Returns:
     (report, calibration, test_scores): the report leads with 'paper_score_auroc' and
     (with a bank) 'latent_knn_auroc'; its 'auroc' etc., the calibration and the test
-    scores are of config.score_kind's score; 'reference_protocol_auroc' is there when
+    scores are of config.score_kind's score (a map score for 'map_max'/'map_topk');
+    with test masks or a map score, localisation's keys ('pixel_auroc', 'pro',
+    'map_*_auroc', 'per_defect'); 'reference_protocol_auroc' when
     config.eval_protocol == 'reference'.
 
   Raises:
@@ -224,14 +226,20 @@ def evaluate(scorer: DatasetScorer, variables, splits, config, calibration=None,
   """
   key = 'score' if config.score_kind == 'latent_knn' else 'paper_score'
   val_scores = score_dataset(scorer, variables, splits.val, stop=stop)[key]
-  if calibration is None:
-    calibration = metrics.Calibration.fit(val_scores, config.threshold_percentile)
   test, labels = score_dataset(scorer, variables, splits.test, stop=stop), splits.test_labels
-  report = {'paper_score_auroc': metrics.auroc(labels, test['paper_score'])}
+  test_scores, report = test[key], {'paper_score_auroc': metrics.auroc(labels, test['paper_score'])}
   if 'knn_bank' in variables:  # 'score' is then the latent k-NN score.
     report['latent_knn_auroc'] = metrics.auroc(labels, test['score'])
-  report.update(metrics.evaluate(labels, test[key], calibration))
-  report['val_score'] = float(np.mean(val_scores))
+  if localisation.needed(config, splits):  # Map scores; pixel AUROC and PRO with masks.
+    _check(stop)
+    loc = localisation.evaluate(config, jax.device_get(variables), splits)
+    report.update(loc.report)
+    if loc.test_scores is not None:  # A map score is the run's score.
+      val_scores, test_scores = loc.val_scores, loc.test_scores
+  if calibration is None:
+    calibration = metrics.Calibration.fit(val_scores, config.threshold_percentile)
+  report.update(metrics.evaluate(labels, test_scores, calibration))
+  report.update(score_kind=config.score_kind, val_score=float(np.mean(val_scores)))
   if config.eval_protocol == 'reference':
     report['reference_protocol_auroc'] = _reference_auroc(scorer, variables, splits, stop)
-  return report, calibration, test[key]
+  return report, calibration, test_scores

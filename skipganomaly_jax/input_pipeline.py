@@ -5,6 +5,8 @@ Sources (`config.dataset.name`):
 - 'folder': `ROOT/train/0.normal`, `ROOT/test/0.normal`, `ROOT/test/1.abnormal`.
 - 'arrays': an .npz at `dataset.path` with `images` (N, H, W, C) uint8 and `labels`, plus
   optional `class_names` and `is_test` (without it only the pooled 'ganomaly' protocol).
+- 'mvtec': one MVTec AD category, `ROOT/{train/good, test/good, test/<defect>,
+  ground_truth/<defect>}`, with pixel masks (`DataSplits.test_masks`; data/mvtec.py).
 - any other name: a prepared TFDS dataset read with `tfds.data_source` (ArrayRecord, no
   TensorFlow); prepare it with `python -m skipganomaly_jax.prepare_data NAME`.
 
@@ -13,9 +15,13 @@ arrays; `TrainIterator` and `eval_batches` batch them deterministically across p
 scaled to float32 [-1, 1]. This module never imports training code.
 """
 
+import dataclasses
+
+from skipganomaly_jax.data import mvtec
+from skipganomaly_jax.data import splits as _splits
 from skipganomaly_jax.data.batches import TrainIterator, eval_batches
 from skipganomaly_jax.data.images import load_images, to_float
-from skipganomaly_jax.data.splits import PROTOCOLS, DataSplits, load_splits
+from skipganomaly_jax.data.splits import PROTOCOLS, DataSplits
 
 __all__ = [
   'PROTOCOLS',
@@ -26,3 +32,14 @@ __all__ = [
   'load_splits',
   'to_float',
 ]
+
+
+def load_splits(config) -> DataSplits:
+  """`splits.load_splits`, plus the MVTec AD source and folder masks (data/mvtec.py)."""
+  if config.dataset.name == mvtec.MVTEC:
+    return mvtec.load_splits(config)
+  out = _splits.load_splits(config)
+  if config.dataset.name == 'folder':  # Optional masks: ROOT/ground_truth/1.abnormal/.
+    masks = mvtec.folder_masks(config.dataset.root, out.test_paths, out.test_labels, config.isize)
+    out = dataclasses.replace(out, test_masks=masks)
+  return out

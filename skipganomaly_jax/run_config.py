@@ -8,6 +8,7 @@ the default.
 import jax.numpy as jnp
 import ml_collections
 
+from skipganomaly_jax import localisation
 from skipganomaly_jax.data.splits import PROTOCOLS as DATASET_PROTOCOLS
 from skipganomaly_jax.scoring import SCORE_KINDS
 
@@ -22,7 +23,7 @@ RENAMED_FIELDS = {'protocol': 'eval_protocol'}
 def _enumerated(config) -> dict:
   """The enumerated fields of a config: dotted name -> (value, allowed values)."""
   return {
-    'score_kind': (config.score_kind, SCORE_KINDS),
+    'score_kind': (config.score_kind, SCORE_KINDS + localisation.MAP_SCORE_KINDS),
     'eval_protocol': (config.eval_protocol, EVAL_PROTOCOLS),
     'dtype': (config.dtype, DTYPES),
     'dataset.protocol': (config.dataset.protocol, DATASET_PROTOCOLS),
@@ -37,6 +38,7 @@ def validate(config) -> None:
         f'config.{name} must be one of {allowed}; got {value!r} '
         f'(set --config.{name}={allowed[0]}, for example).'
       )
+  localisation.Settings.from_config(config)  # config.localisation's fields, if any.
 
 
 def compute_dtype(config):

@@ -28,8 +28,10 @@ from skipganomaly_jax import (
   checkpointing,
   evaluation,
   input_pipeline,
+  localisation,
   metrics,
   outputs,
+  overlays,
   run_config,
   training_step,
 )
@@ -310,12 +312,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     variables = scoring_variables(g, d, knn_bank)
     if test_scores is None and history:  # Resumed after the last epoch: score again.
       test_scores = ctx.scorer(variables, ctx.splits.test)['score']
+      if config.score_kind in localisation.MAP_SCORE_KINDS:
+        host = jax.device_get(scoring_variables(g, d))
+        test_scores = localisation.evaluate(config, host, ctx.splits).test_scores
     if history and jax.process_index() == 0:
       # Host copies: a jit over the global (all-process) arrays would have to run in
       # every process, but only process 0 plots.
       outputs.write_all(
         workdir, ctx.splits, jax.device_get(variables), test_scores, history, calibration, config
       )
+      overlays.write_overlays(workdir, config, jax.device_get(variables), ctx.splits)
   except evaluation.Interrupted:
     pass  # Saved; the checkpointer's close below waits for the write.
   finally:
@@ -334,5 +340,7 @@ def _summary(report: dict) -> str:
     'f1',
     'val_score',
     'reference_protocol_auroc',
+    'pixel_auroc',
+    'pro',
   )
   return ', '.join(f'{k}={report[k]:.4f}' for k in keys if k in report)

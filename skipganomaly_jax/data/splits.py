@@ -34,6 +34,10 @@ class DataSplits:
     test: uint8 test images, normals first.
     test_labels: int32 (N,): 0 normal, 1 abnormal.
     abnormal_name: name of the abnormal class (e.g. '0', 'automobile', '1.abnormal').
+    test_paths: the file of each test image (folder and MVTec datasets; read to find the
+      masks of folder datasets and to name per-defect results).
+    test_masks: uint8 (N, isize, isize) defect masks in {0, 1} of the test images, when
+      the source has them (data/mvtec.py); all zero for normal images.
   """
 
   train: np.ndarray
@@ -41,6 +45,8 @@ class DataSplits:
   test: np.ndarray
   test_labels: np.ndarray
   abnormal_name: str
+  test_paths: tuple[str, ...] | None = None
+  test_masks: np.ndarray | None = None  # Localisation: data/mvtec.py, folder masks.
 
 
 def resolve_class(abnormal_class: int | str, class_names: tuple[str, ...], dataset: str) -> int:
@@ -205,4 +211,5 @@ def load_splits(config) -> DataSplits:
     test=pool.images[test_idx],
     test_labels=test_labels,
     abnormal_name=pool.class_names[abnormal],
+    test_paths=None if pool.paths is None else tuple(pool.paths[i] for i in test_idx),
   )

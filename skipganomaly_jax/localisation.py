@@ -1,0 +1,286 @@
+"""Where is the defect: per-pixel anomaly maps, image scores from them, and their report.
+
+The map is built from the paper's two terms, per pixel, with eval-mode BatchNorm:
+
+- 'rec': the reconstruction error (x - G(x))^2, averaged over channels, at the input
+  resolution (the per-pixel form of the paper's rec term);
+- 'rec+d': rec / m_rec + d_weight * d / m_d, where d is the squared difference of D's
+  feature maps of x and G(x) at its first `d_levels` levels (isize/2, isize/4, ...),
+  averaged over channels and levels after bilinear upsampling to the input size, and
+  m_rec, m_d are the terms' mean values on the validation normals (so the weight is
+  unit-free; never fitted on test data).
+
+Then a Gaussian filter of standard deviation `sigma` pixels (0 = none; MVTec AD methods
+commonly use 4 px at 256 px input), and an image score from the map: 'map_max' (its
+maximum) or 'map_topk' (the mean of its top `topk_fraction` pixels), selectable as
+`config.score_kind`. Settings live in `config.localisation` (configs/default.py).
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from skipganomaly_jax import metrics, pixel_metrics
+from skipganomaly_jax.data import mvtec
+from skipganomaly_jax.data.batches import eval_batches
+from skipganomaly_jax.data.images import as_model_input
+from skipganomaly_jax.models import ModelSpec
+
+MAP_SCORE_KINDS = ('map_max', 'map_topk')
+MAPS = ('rec', 'rec+d')
+CHUNK = 64  # Images per compiled call.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How maps and map scores are computed (config.localisation; defaults if absent)."""
+
+  map: str = 'rec'
+  d_weight: float = 1.0
+  d_levels: int = 2
+  sigma: float = 4.0
+  topk_fraction: float = 0.01
+  num_overlays: int = 4
+
+  def __post_init__(self):
+    if self.map not in MAPS:
+      raise ValueError(f'config.localisation.map must be one of {MAPS}; got {self.map!r}.')
+    if not (self.sigma >= 0 and math.isfinite(self.sigma)):
+      raise ValueError(f'config.localisation.sigma must be >= 0 pixels; got {self.sigma!r}.')
+    if not 0 < self.topk_fraction <= 1:
+      raise ValueError(
+        f'config.localisation.topk_fraction must be in (0, 1]; got {self.topk_fraction!r}.'
+      )
+    if self.map == 'rec+d' and not (self.d_levels >= 1 and self.d_weight >= 0):
+      raise ValueError(
+        "map='rec+d' needs config.localisation.d_levels >= 1 and d_weight >= 0; got "
+        f'{self.d_levels}, {self.d_weight}.'
+      )
+
+  @classmethod
+  def from_config(cls, config) -> 'Settings':
+    loc = config.get('localisation') or {}
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{k: loc[k] for k in names if k in loc})
+
+
+# ----------------------------------------------------------------------------- the map
+
+
+def gaussian_filter(maps, sigma: float):
+  """Gaussian smoothing of (N, H, W) maps as scipy.ndimage.gaussian_filter per image.
+
+  Separable, truncated at 4 sigma, borders mirrored ('reflect' in scipy = 'symmetric'
+  in numpy); sigma 0 returns the maps unchanged.
+  """
+  if sigma == 0:
+    return maps
+  radius = int(4.0 * sigma + 0.5)
+  x = np.arange(-radius, radius + 1, dtype=np.float64)
+  kernel = np.exp(-0.5 * (x / sigma) ** 2)
+  kernel = jnp.asarray(kernel / kernel.sum(), jnp.float32)
+  out = jnp.asarray(maps, jnp.float32)
+  for axis in (1, 2):
+    pad = [(0, 0)] * 3
+    pad[axis] = (radius, radius)
+    padded = jnp.pad(out, pad, mode='symmetric')
+    length = out.shape[axis]
+    out = sum(
+      kernel[i] * jax.lax.slice_in_dim(padded, i, i + length, axis=axis)
+      for i in range(2 * radius + 1)
+    )
+  return out
+
+
+_smooth = jax.jit(gaussian_filter, static_argnums=1)
+
+
+def _d_features(spec: ModelSpec, variables, x, levels: int) -> list:
+  """D's first `levels` feature maps (conv_0, bn_1, ...), pre-activation."""
+  names = ['conv_0'] + [f'bn_{i}' for i in range(1, levels)]
+  _, state = spec.discriminator().apply(
+    variables,
+    x,
+    train=False,
+    capture_intermediates=lambda module, _: module.name in names,
+    mutable=['intermediates'],
+  )
+  found = state['intermediates']
+  missing = [n for n in names if n not in found]
+  if missing:
+    raise ValueError(f'd_levels={levels} exceeds the discriminator levels at this isize.')
+  return [found[n]['__call__'][0] for n in names]
+
+
+@functools.partial(jax.jit, static_argnames=('spec', 'd_levels'))
+def _terms(params, images, spec: ModelSpec, d_levels: int) -> dict:
+  x_hat = spec.generator().apply(params['generator'], images, train=False)
+  out = {'rec': jnp.mean(jnp.square(images - x_hat), axis=-1)}
+  if d_levels:
+    size = images.shape[:3]
+    real = _d_features(spec, params['discriminator'], images, d_levels)
+    fake = _d_features(spec, params['discriminator'], x_hat, d_levels)
+    diffs = [
+      jax.image.resize(jnp.mean(jnp.square(r - f), axis=-1), size, 'linear')
+      for r, f in zip(real, fake, strict=True)
+    ]
+    out['d'] = jnp.mean(jnp.stack(diffs), axis=0)
+  return out
+
+
+def map_terms(params, images, d_levels: int = 0, chunk: int = CHUNK) -> dict[str, np.ndarray]:
+  """The unsmoothed per-pixel terms of images: {'rec': (N, H, W)[, 'd': (N, H, W)]}.
+
+  Args:
+    params: `score_fn` variables ({'generator': ..., 'discriminator': ...}).
+    images: (N, isize, isize, nc), uint8 or float in [-1, 1] (checked as by score_fn).
+    d_levels: D levels of the 'd' term (0: no 'd' term).
+    chunk: images per compiled call (the batches of `eval_batches`, zero-padded).
+  """
+  spec = ModelSpec.from_variables(params)
+  x = as_model_input(images, spec.isize, spec.nc)
+  n = x.shape[0]
+  if n == 0:
+    shape = (0, spec.isize, spec.isize)
+    return {'rec': np.zeros(shape, np.float32)} | ({'d': np.zeros(shape)} if d_levels else {})
+  parts = [_terms(params, batch, spec, d_levels) for batch in eval_batches(x, min(chunk, n))]
+  return {k: np.concatenate([np.asarray(p[k]) for p in parts])[:n] for k in parts[0]}
+
+
+def term_scale(val_terms: dict) -> dict[str, float]:
+  """Each term's mean over validation-normal pixels (the unit of 'rec+d')."""
+  return {k: max(float(np.mean(v)), 1e-12) for k, v in val_terms.items()}
+
+
+def combine(terms: dict, settings: Settings, scale: dict | None = None) -> np.ndarray:
+  """The smoothed (N, H, W) anomaly map from `map_terms` output.
+
+  Args:
+    terms: {'rec': ...[, 'd': ...]} from `map_terms`.
+    settings: the map kind, weight and sigma.
+    scale: `term_scale` of the validation normals (needed for 'rec+d').
+  """
+  if settings.map == 'rec':
+    raw = terms['rec']
+  else:
+    if scale is None or 'd' not in terms:
+      raise ValueError("map='rec+d' needs the 'd' term and the validation scale.")
+    raw = terms['rec'] / scale['rec'] + settings.d_weight * terms['d'] / scale['d']
+  return np.asarray(_smooth(raw, float(settings.sigma)))
+
+
+def image_scores(maps, kind: str, topk_fraction: float = 0.01) -> np.ndarray:
+  """Image scores from (N, H, W) maps: 'map_max' or 'map_topk' (mean of the top pixels).
+
+  The top-k mean averages the ceil(topk_fraction * H * W) highest pixels of each map.
+  """
+  maps = np.asarray(maps, np.float64).reshape(len(maps), -1)
+  if kind == 'map_max':
+    return maps.max(axis=1) if maps.size else np.zeros(0)
+  if kind != 'map_topk':
+    raise ValueError(f'Unknown map score {kind!r}; choose from {MAP_SCORE_KINDS}.')
+  k = max(1, math.ceil(topk_fraction * maps.shape[1]))
+  return np.mean(np.partition(maps, maps.shape[1] - k, axis=1)[:, -k:], axis=1)
+
+
+def anomaly_maps(params, images, settings: Settings, scale: dict | None = None) -> np.ndarray:
+  """Smoothed (N, H, W) anomaly maps of images (see the module doc)."""
+  d_levels = settings.d_levels if settings.map == 'rec+d' else 0
+  return combine(map_terms(params, images, d_levels), settings, scale)
+
+
+def score_images(config, params, images) -> dict[str, np.ndarray]:
+  """{'score', 'anomaly_map'} of images with the run's map score (`--mode=score`).
+
+  'rec+d' needs its validation scale: the run's validation images are read again
+  (config.dataset must still be readable); 'rec' needs nothing else.
+  """
+  settings = Settings.from_config(config)
+  scale = None
+  if settings.map == 'rec+d':
+    from skipganomaly_jax import input_pipeline  # Lazy: only this path reads the dataset.
+
+    scale = term_scale(map_terms(params, input_pipeline.load_splits(config).val, settings.d_levels))
+  maps = anomaly_maps(params, images, settings, scale)
+  return {
+    'score': image_scores(maps, config.score_kind, settings.topk_fraction),
+    'anomaly_map': maps,
+  }
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass
+class Result:
+  """What `evaluate` adds to a report and, for map score kinds, the scores to use."""
+
+  report: dict
+  val_scores: np.ndarray | None = None
+  test_scores: np.ndarray | None = None
+  test_maps: np.ndarray | None = None
+
+
+def needed(config, splits) -> bool:
+  """True when the run uses a map score or its test set has masks."""
+  return config.score_kind in MAP_SCORE_KINDS or splits.test_masks is not None
+
+
+def _per_defect(splits, maps, scores) -> dict:
+  kinds = mvtec.defect_kinds(splits)
+  if kinds is None or splits.test_masks is None:
+    return {}
+  out = {}
+  for kind in sorted(set(kinds[splits.test_labels == 1])):
+    pick = (splits.test_labels == 0) | (kinds == kind)
+    out[kind] = {
+      'map_auroc': metrics.auroc(splits.test_labels[pick], scores[pick]),
+      **pixel_metrics.evaluate_pixels(maps[pick], splits.test_masks[pick]),
+    }
+  return out
+
+
+def evaluate(config, variables, splits) -> Result:
+  """Maps of the validation and test images; pixel metrics when the test set has masks.
+
+  Args:
+    config: reads score_kind and localisation.
+    variables: host copies of the scoring variables.
+    splits: the run's `DataSplits`.
+
+  Returns:
+    A `Result`: report keys 'map_max_auroc', 'map_topk_auroc' and, with masks,
+    'pixel_auroc', 'pro' (up to FPR 0.3) and 'per_defect'; val/test scores when
+    config.score_kind is a map score (they then replace the run's scores).
+  """
+  settings = Settings.from_config(config)
+  d_levels = settings.d_levels if settings.map == 'rec+d' else 0
+  val_terms = map_terms(variables, splits.val, d_levels)
+  scale = term_scale(val_terms)
+  maps = combine(map_terms(variables, splits.test, d_levels), settings, scale)
+  scores = {k: image_scores(maps, k, settings.topk_fraction) for k in MAP_SCORE_KINDS}
+  report = {f'{k}_auroc': metrics.auroc(splits.test_labels, s) for k, s in scores.items()}
+  result = Result(report=report, test_maps=maps)
+  if splits.test_masks is not None:
+    report.update(pixel_metrics.evaluate_pixels(maps, splits.test_masks))
+    report['per_defect'] = _per_defect(splits, maps, scores[_map_kind(config)])
+  if config.score_kind in MAP_SCORE_KINDS:
+    val_maps = combine(val_terms, settings, scale)
+    result.val_scores = image_scores(val_maps, config.score_kind, settings.topk_fraction)
+    result.test_scores = scores[config.score_kind]
+  return result
+
+
+def _map_kind(config) -> str:
+  return config.score_kind if config.score_kind in MAP_SCORE_KINDS else 'map_max'
+
+
+def summary(report: dict) -> str:
+  """', pixel AUROC x, PRO y' when the report has them, else ''."""
+  if 'pixel_auroc' not in report:
+    return ''
+  return f', pixel AUROC {report["pixel_auroc"]:.4f}, PRO {report["pro"]:.4f}'

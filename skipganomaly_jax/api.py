@@ -202,7 +202,7 @@ def evaluate_checkpoint(workdir: str, which='latest') -> dict:
     model.scorer, variables, splits, model.config, model.calibration
   )
   epoch = model.history[-1].get('epoch') if model.history else None
-  report = {'checkpoint': str(which), 'epoch': epoch, 'step': model.step, **report}
+  report = {**report, 'checkpoint': str(which), 'epoch': epoch, 'step': model.step}
   history = _previous_history(workdir, model.history) + [report]
   outputs.write_all(workdir, splits, model.params, test_scores, history, calibration, model.config)
   overlays.write_overlays(workdir, model.config, model.params, splits)

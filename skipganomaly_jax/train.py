@@ -216,7 +216,7 @@ def evaluate_epoch(ctx: TrainingContext, g, d, epoch: int, step: int, stop=None)
   )
   if ctx.config.score_kind != 'latent_knn':
     knn_bank = None  # The paper score's checkpoints and params carry no bank.
-  report = {'epoch': epoch, 'step': step, **report}
+  report = {**report, 'epoch': epoch, 'step': step}  # Led by the scores' AUROCs.
   ctx.writer.write_scalars(
     step, {k: v for k, v in report.items() if isinstance(v, int | float)}, prefix='eval/'
   )

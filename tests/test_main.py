@@ -241,5 +241,6 @@ def test_latent_knn_by_name_stores_the_bank(tmp_path):
 def test_unknown_score_kind_is_an_error(tmp_path):
   config = tiny(load_config('demo'))
   config.score_kind = 'knn'
-  with pytest.raises(ValueError, match="score_kind must be one of \\('latent_knn', 'paper'\\)"):
+  allowed = "\\('latent_knn', 'paper', 'map_max', 'map_topk'\\); got 'knn'"
+  with pytest.raises(ValueError, match=f'score_kind must be one of {allowed}'):
     train.train_and_evaluate(config, str(tmp_path))

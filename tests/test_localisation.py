@@ -16,13 +16,6 @@ from skipganomaly_jax.data import textures
 from skipganomaly_jax.models import ModelSpec
 
 
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print(f'numpy seed: {seed}')
-  return np.random.default_rng(seed)
-
-
 @pytest.mark.parametrize('sigma', [0.0, 0.6, 1.0, 2.5])
 def test_gaussian_filter_matches_scipy(rng, sigma):
   maps = rng.normal(size=(3, int(rng.integers(12, 30)), int(rng.integers(12, 30))))

@@ -7,13 +7,6 @@ from sklearn import metrics as skm
 from skipganomaly_jax import pixel_metrics
 
 
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print(f'numpy seed: {seed}')
-  return np.random.default_rng(seed)
-
-
 def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
   """8-connected components of a 2-D bool mask by flood fill (independent of scipy)."""
   seen = np.zeros_like(mask, bool)

@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 15  # Training epochs.
   config.max_steps_per_epoch = 0  # Cap on steps per epoch (0 = full epochs); for smoke tests.
   config.log_every_steps = 50  # Fetch metrics to the host and write them every N steps.
+  # Training images kept on the devices as uint8, shuffled and batched there (same
+  # batches as on the host): 'on', 'off', or 'auto' = on when they take at most 1 GiB
+  # and 1/8 of a device's memory (CIFAR-10, MNIST); see data/device_batches.py.
+  config.device_data = 'auto'
 
   # Scoring (skipganomaly_jax/scoring.py). 'paper' (default): Skip-GANomaly's
   # lam * rec + (1 - lam) * lat. 'latent_knn': cosine distance of G's bottleneck code to

@@ -12,7 +12,9 @@ Sources (`config.dataset.name`):
 
 `load_splits` applies the evaluation protocol and the validation slice and returns uint8
 arrays; `TrainIterator` and `eval_batches` batch them deterministically across processes,
-scaled to float32 [-1, 1]. This module never imports training code.
+scaled to float32 [-1, 1]; `train_iterator` picks `DeviceTrainIterator` (the same batches
+gathered on the devices from a device-resident uint8 copy) when the training set fits
+(`config.device_data`). This module never imports training code.
 """
 
 import dataclasses
@@ -20,17 +22,27 @@ import dataclasses
 from skipganomaly_jax.data import mvtec
 from skipganomaly_jax.data import splits as _splits
 from skipganomaly_jax.data.batches import TrainIterator, eval_batches
+from skipganomaly_jax.data.device_batches import (
+  DEVICE_DATA_SETTINGS,
+  DeviceTrainIterator,
+  train_iterator,
+  use_device_data,
+)
 from skipganomaly_jax.data.images import load_images, to_float
 from skipganomaly_jax.data.splits import PROTOCOLS, DataSplits
 
 __all__ = [
+  'DEVICE_DATA_SETTINGS',
   'PROTOCOLS',
+  'DeviceTrainIterator',
   'DataSplits',
   'TrainIterator',
   'eval_batches',
   'load_images',
   'load_splits',
   'to_float',
+  'train_iterator',
+  'use_device_data',
 ]
 
 

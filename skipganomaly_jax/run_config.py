@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from skipganomaly_jax import localisation
+from skipganomaly_jax.data.device_batches import DEVICE_DATA_SETTINGS
 from skipganomaly_jax.data.splits import PROTOCOLS as DATASET_PROTOCOLS
 from skipganomaly_jax.scoring import SCORE_KINDS
 
@@ -27,6 +28,8 @@ def _enumerated(config) -> dict:
     'eval_protocol': (config.eval_protocol, EVAL_PROTOCOLS),
     'dtype': (config.dtype, DTYPES),
     'dataset.protocol': (config.dataset.protocol, DATASET_PROTOCOLS),
+    # Absent from configs stored before it existed: the default.
+    'device_data': (config.get('device_data', 'auto'), DEVICE_DATA_SETTINGS),
   }
 
 

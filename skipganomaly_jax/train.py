@@ -55,7 +55,7 @@ class TrainingContext:
   mesh: object
   spec: ModelSpec
   splits: input_pipeline.DataSplits
-  train_iter: input_pipeline.TrainIterator
+  train_iter: input_pipeline.TrainIterator  # Or its DeviceTrainIterator subclass.
   steps_per_epoch: int
   step_fn: object
   scorer: evaluation.DatasetScorer
@@ -79,8 +79,8 @@ def setup(config, workdir: str) -> TrainingContext:
       'No validation images: set config.dataset.val_fraction > 0; the '
       'calibration (threshold) is fitted on them, never on the test set.'
     )
-  train_iter = input_pipeline.TrainIterator(
-    splits.train, config.batch_size, config.seed, jax.process_index(), jax.process_count()
+  train_iter = input_pipeline.train_iterator(
+    splits.train, config.batch_size, config.seed, mesh, config.get('device_data', 'auto')
   )
   steps = train_iter.steps_per_epoch
   if config.max_steps_per_epoch:
@@ -179,7 +179,9 @@ def train_epoch(ctx: TrainingContext, g, d, step: int, stop: PreemptionFlag):
     disable=jax.process_index() != 0,
   ) as pbar:  # Closed on every exit: end of epoch, preemption, exception.
     for i in range(position['step_in_epoch'], ctx.steps_per_epoch):
-      batch = shard_batch(next(ctx.train_iter), ctx.mesh)
+      batch = next(ctx.train_iter)
+      if isinstance(batch, np.ndarray):  # Host batches: this process's rows.
+        batch = shard_batch(batch, ctx.mesh)
       g, d, m = ctx.step_fn(g, d, batch, jax.random.fold_in(key, step))
       stop.arm()  # After the first step's compilation (see preemption.py).
       if pending:

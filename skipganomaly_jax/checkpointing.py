@@ -270,8 +270,8 @@ class Checkpointer:
       )
     return step
 
-  def _check_target(self, step: int, target: Any) -> None:
-    """Compares the stored tree of leaves and shapes with `target`, before restoring."""
+  def _stored_tree(self, step: int) -> Any:
+    """The stored state's tree of leaf metadata (shapes, dtypes) of one step."""
     path = self.step_path(step)
     try:
       item = self._manager.item_metadata(step).get(STATE_ITEM)
@@ -284,7 +284,12 @@ class Checkpointer:
         f'checkpoint {path} is corrupt or incomplete: no readable {STATE_ITEM!r} item '
         f'(missing {os.path.join(path, STATE_ITEM, "_METADATA")}?)'
       )
-    problems = _describe_mismatch(_flat_shapes(getattr(item, 'tree', item)), _flat_shapes(target))
+    return getattr(item, 'tree', item)
+
+  def _check_target(self, step: int, target: Any) -> None:
+    """Compares the stored tree of leaves and shapes with `target`, before restoring."""
+    path = self.step_path(step)
+    problems = _describe_mismatch(_flat_shapes(self._stored_tree(step)), _flat_shapes(target))
     if problems:
       raise CheckpointError(
         f'checkpoint {path} does not match the target state (was it saved by a model of '
@@ -298,20 +303,8 @@ class Checkpointer:
     comes back as plain dicts and lists (flax dataclasses as dicts of their fields).
     """
     step = self._resolve_step(step)
-    try:
-      item = self._manager.item_metadata(step).get(STATE_ITEM)
-    except Exception as e:
-      raise CheckpointError(
-        f'checkpoint {self.step_path(step)} is corrupt or incomplete: cannot read its '
-        f'metadata ({_short(e)})'
-      ) from e
-    if item is None:
-      raise CheckpointError(
-        f'checkpoint {self.step_path(step)} is corrupt or incomplete: no readable '
-        f'{STATE_ITEM!r} item'
-      )
     return jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), getattr(item, 'tree', item)
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), self._stored_tree(step)
     )
 
   def restore(self, step: int | None, target: Any) -> tuple[Any, dict]:

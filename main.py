@@ -54,6 +54,16 @@ flags.DEFINE_bool(
 flags.mark_flags_as_required(['workdir'])
 
 
+def _scores(report: dict, score_kind: str) -> str:
+  """The printed summary of a report: the paper score's AUROC first, then the rest."""
+  own = '' if score_kind in ('paper', 'latent_knn') else f'AUROC {report["auroc"]:.4f}, '
+  return (
+    f'AUROC {report["paper_score_auroc"]:.4f} (paper score; latent k-NN score '
+    f'{report["latent_knn_auroc"]:.4f}; {score_kind} score: {own}average precision '
+    f'{report["average_precision"]:.4f}, F1 {report["f1"]:.4f}{localisation.summary(report)})'
+  )
+
+
 def main(argv):
   del argv
   log_setup.quiet_library_logs()
@@ -78,18 +88,14 @@ def main(argv):
     report = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if report and jax.process_index() == 0:
       print(
-        f'AUROC {report["paper_score_auroc"]:.4f} (paper score; latent k-NN score '
-        f'{report["latent_knn_auroc"]:.4f}; {FLAGS.config.score_kind} score: average '
-        f'precision {report["average_precision"]:.4f}, F1 {report["f1"]:.4f}'
-        f'{localisation.summary(report)}) after epoch {report["epoch"]}; outputs in '
+        f'{_scores(report, FLAGS.config.score_kind)} after epoch {report["epoch"]}; outputs in '
         f'{FLAGS.workdir}/ (metrics.json, roc.png, score_histogram.png, reconstructions.png)'
       )
   elif FLAGS.mode == 'eval':
     report = api.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
     print(
-      f'AUROC {report["paper_score_auroc"]:.4f} (paper score; latent k-NN score '
-      f'{report["latent_knn_auroc"]:.4f}{localisation.summary(report)}; {FLAGS.checkpoint} '
-      f'checkpoint); outputs rewritten in {FLAGS.workdir}/'
+      f'{_scores(report, report["score_kind"])} of the {FLAGS.checkpoint} checkpoint; outputs '
+      f'rewritten in {FLAGS.workdir}/'
     )
   elif FLAGS.mode == 'export':
     print('Exported to', export.export_run(FLAGS.workdir, FLAGS.format, FLAGS.checkpoint))

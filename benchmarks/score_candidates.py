@@ -23,6 +23,14 @@ trains nothing. The candidates were fixed before any was measured on these runs:
   ens_knn_all    mean z-score of knn_g_code, knn_g_multi, knn_d_multi, knn_d_l2_flat
   ens_knn_paper  mean z-score of knn_g_code and paper
   pixel_knn      k-NN on raw pixels (no network; a baseline)
+Added after the list above had been measured on CIFAR dev (where none beat the paper
+score), to test why: does the paper score rank by image complexity rather than content?
+  complexity     mean squared difference of neighbouring pixels (no network; a baseline)
+  rec_per_complexity  log rec - log complexity (the reconstruction error of an image
+                 relative to how much detail it has)
+  d_unreal       minus D's logit of x (how "unreal" D finds a test image)
+The table also gives, per class, the Spearman rank correlation of the paper score with
+complexity on the test set (`rho(paper, complexity)`).
 z-scores use the mean and standard deviation of that score on the validation normals
 (never the test set). Every network pass uses eval-mode BatchNorm. Each candidate is a
 function of (variables, images) plus the training normals' bank, so whichever is chosen
@@ -58,7 +66,20 @@ ENSEMBLES = {
   'ens_knn_all': ('knn_g_code', 'knn_g_multi', 'knn_d_multi', 'knn_d_l2_flat'),
   'ens_knn_paper': ('knn_g_code', 'paper'),
 }
-CANDIDATES = ('paper', 'rec', 'lat', *(f'knn_{k}' for k in KNN), 'rec_d', *ENSEMBLES, 'pixel_knn')
+CANDIDATES = (
+  'paper',
+  'rec',
+  'lat',
+  *(f'knn_{k}' for k in KNN),
+  'rec_d',
+  *ENSEMBLES,
+  'pixel_knn',
+  'complexity',
+  'rec_per_complexity',
+  'd_unreal',
+)
+BASELINES = ('pixel_knn', 'complexity')
+COLUMNS = (*CANDIDATES, 'rho_paper_complexity')  # The last is a diagnostic, not a score.
 
 
 def _top_level(module, method_name) -> bool:
@@ -70,14 +91,20 @@ def _unit(v):
 
 
 def _d_layers(spec, variables, x):
-  """D's hidden activations (after LeakyReLU) and features, eval-mode BatchNorm."""
-  _, state = spec.discriminator().apply(
+  """D's hidden activations (after LeakyReLU), features and logits, eval-mode BatchNorm."""
+  (logits, _), state = spec.discriminator().apply(
     variables, x, train=False, capture_intermediates=_top_level, mutable=['intermediates']
   )
   inter = {k: v['__call__'][0] for k, v in state['intermediates'].items()}
   hidden = sorted(k for k in inter if k.startswith('bn_'))  # bn_1, bn_2 at isize 32.
   acts = [jax.nn.leaky_relu(inter[k], 0.2) for k in hidden]
-  return acts[0], acts[-1], inter['features'].reshape(x.shape[0], -1)
+  return acts[0], acts[-1], inter['features'].reshape(x.shape[0], -1), logits
+
+
+def complexity(x):
+  """Mean squared difference of vertically and horizontally neighbouring pixels."""
+  dy = jnp.mean(jnp.square(x[:, 1:] - x[:, :-1]), axis=(1, 2, 3))
+  return dy + jnp.mean(jnp.square(x[:, :, 1:] - x[:, :, :-1]), axis=(1, 2, 3))
 
 
 @jax.jit
@@ -94,8 +121,8 @@ def _features(variables, x):
   inter = {k: v['__call__'][0] for k, v in state['intermediates'].items()}
   code = inter[f'down_{int(np.log2(spec.isize)) - 1}'].reshape(x.shape[0], -1)
   enc = [inter[k].mean(axis=(1, 2)) for k in sorted(inter) if k.startswith('down_bn_')]
-  l1, l2, feat = _d_layers(spec, variables['discriminator'], x)
-  l1_hat, l2_hat, feat_hat = _d_layers(spec, variables['discriminator'], x_hat)
+  l1, l2, feat, logits = _d_layers(spec, variables['discriminator'], x)
+  l1_hat, l2_hat, feat_hat, _ = _d_layers(spec, variables['discriminator'], x_hat)
   pool = lambda a: a.mean(axis=(1, 2))  # noqa: E731
   sq = lambda a, b: jnp.mean(jnp.square(a - b), axis=tuple(range(1, a.ndim)))  # noqa: E731
   rec, lat = sq(x, x_hat), sq(feat, feat_hat)
@@ -112,6 +139,9 @@ def _features(variables, x):
     'd_l2': pool(l2),
     'd_l2_flat': l2.reshape(x.shape[0], -1),
     'd_multi': jnp.concatenate([_unit(pool(l1)), _unit(pool(l2)), _unit(feat)], axis=-1),
+    'complexity': complexity(x),
+    'rec_per_complexity': jnp.log(rec + 1e-12) - jnp.log(complexity(x) + 1e-12),
+    'd_unreal': -logits,
   }
 
 
@@ -132,7 +162,7 @@ def candidate_scores(variables, splits) -> dict:
   train, val, test = (features(variables, s) for s in (splits.train, splits.val, splits.test))
   out = {'val': {}, 'test': {}}
   for name, part in (('val', val), ('test', test)):
-    for key in ('paper', 'rec', 'lat'):
+    for key in ('paper', 'rec', 'lat', 'complexity', 'rec_per_complexity', 'd_unreal'):
       out[name][key] = part[key]
     for key in KNN:
       bank = normalise_codes(train[key])
@@ -161,34 +191,46 @@ def evaluate_workdir(workdir: pathlib.Path) -> dict:
   ref = score_details({**params, 'knn_bank': bank}, splits.test)
   np.testing.assert_allclose(scores['paper'], ref['paper_score'], rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(scores['knn_g_code'], ref['score'], rtol=1e-3, atol=1e-6)
-  return {name: metrics.auroc(splits.test_labels, scores[name]) for name in CANDIDATES}
+  row = {name: metrics.auroc(splits.test_labels, scores[name]) for name in CANDIDATES}
+  row['rho_paper_complexity'] = spearman(scores['paper'], scores['complexity'])
+  return row
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+  """Spearman rank correlation (no ties in continuous scores)."""
+  ra, rb = (np.argsort(np.argsort(v)).astype(np.float64) for v in (a, b))
+  return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def write_tables(results: dict, out: pathlib.Path) -> None:
   """JSON and a markdown table: per class, per-dataset means, mean of the dataset means."""
   out.mkdir(parents=True, exist_ok=True)
   (out / 'score_candidates.json').write_text(json.dumps(results, indent=2))
-  head = '| dataset | class | ' + ' | '.join(CANDIDATES) + ' |'
-  lines = [head, '|' + '---|' * (len(CANDIDATES) + 2)]
+  head = '| dataset | class | ' + ' | '.join(COLUMNS) + ' |'
+  lines = [head, '|' + '---|' * (len(COLUMNS) + 2)]
   means = {}
   for dataset, cells in results.items():
     for cls, row in sorted(cells.items()):
-      lines.append(
-        f'| {dataset} | {cls} | ' + ' | '.join(f'{row[c]:.3f}' for c in CANDIDATES) + ' |'
-      )
-    means[dataset] = {c: float(np.mean([r[c] for r in cells.values()])) for c in CANDIDATES}
+      lines.append(f'| {dataset} | {cls} | ' + ' | '.join(f'{row[c]:.3f}' for c in COLUMNS) + ' |')
+    means[dataset] = {c: float(np.mean([r[c] for r in cells.values()])) for c in COLUMNS}
     lines.append(
       f'| **{dataset} mean** ({len(cells)}) | | '
-      + ' | '.join(f'**{means[dataset][c]:.3f}**' for c in CANDIDATES)
+      + ' | '.join(f'**{means[dataset][c]:.3f}**' for c in COLUMNS)
       + ' |'
     )
   if len(means) > 1:
-    both = {c: float(np.mean([m[c] for m in means.values()])) for c in CANDIDATES}
+    both = {c: float(np.mean([m[c] for m in means.values()])) for c in COLUMNS}
     lines.append(
       '| **mean of the dataset means** | | '
-      + ' | '.join(f'**{both[c]:.3f}**' for c in CANDIDATES)
+      + ' | '.join(f'**{both[c]:.3f}**' for c in COLUMNS)
       + ' |'
     )
+  winners = [c for c in CANDIDATES[1:] if all(m[c] > m['paper'] for m in means.values())]
+  lines.append(
+    f'\nAbove the paper score on every dataset mean ({", ".join(means)}): '
+    + (', '.join(winners) if winners else 'none')
+    + '.'
+  )
   (out / 'score_candidates.md').write_text(
     __doc__.split('\n\n')[1] + '\n\n' + '\n'.join(lines) + '\n'
   )

@@ -71,9 +71,13 @@ PAPER_CIFAR10 = {
 
 
 def build_config(config_path: str, overrides: list[str], abnormal: str, seed: int):
-  """The config of one cell: the file's config, the overrides, class, seed, protocol."""
-  module = importlib.import_module(config_path.replace('/', '.').removesuffix('.py'))
-  config = module.get_config()
+  """The config of one cell: the file's config, the overrides, class, seed, protocol.
+
+  `config_path` may end in ':ARG' (a parameterised config, as main.py's --config takes it).
+  """
+  path, _, arg = config_path.partition(':')
+  module = importlib.import_module(path.replace('/', '.').removesuffix('.py'))
+  config = module.get_config(*([arg] if arg else []))
   for item in overrides:
     key, value = item.split('=', 1)
     node, *path = key.split('.')

@@ -125,7 +125,7 @@ def _features(variables, x):
   l1_hat, l2_hat, feat_hat, _ = _d_layers(spec, variables['discriminator'], x_hat)
   pool = lambda a: a.mean(axis=(1, 2))  # noqa: E731
   sq = lambda a, b: jnp.mean(jnp.square(a - b), axis=tuple(range(1, a.ndim)))  # noqa: E731
-  rec, lat = sq(x, x_hat), sq(feat, feat_hat)
+  rec, lat, detail = sq(x, x_hat), sq(feat, feat_hat), complexity(x)
   return {
     'paper': 0.9 * rec + 0.1 * lat,
     'rec': rec,
@@ -139,8 +139,8 @@ def _features(variables, x):
     'd_l2': pool(l2),
     'd_l2_flat': l2.reshape(x.shape[0], -1),
     'd_multi': jnp.concatenate([_unit(pool(l1)), _unit(pool(l2)), _unit(feat)], axis=-1),
-    'complexity': complexity(x),
-    'rec_per_complexity': jnp.log(rec + 1e-12) - jnp.log(complexity(x) + 1e-12),
+    'complexity': detail,
+    'rec_per_complexity': jnp.log(rec + 1e-12) - jnp.log(detail + 1e-12),
     'd_unreal': -logits,
   }
 

@@ -13,7 +13,11 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from skipganomaly_jax import api, export, localisation, log_setup, run_config, train
+from skipganomaly_jax import config as config_lib
+from skipganomaly_jax.deploy import export, trained_run
+from skipganomaly_jax.reporting import log_setup
+from skipganomaly_jax.scoring import localisation
+from skipganomaly_jax.training import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -33,7 +37,7 @@ flags.DEFINE_string('checkpoint', 'latest', "eval/score: 'latest', 'best' or a s
 @flags.validator('checkpoint')
 def _check_checkpoint(value) -> bool:
   try:
-    run_config.checkpoint_selector(value)
+    config_lib.checkpoint_selector(value)
   except ValueError as e:
     raise flags.ValidationError(str(e)) from e
   return True
@@ -92,7 +96,7 @@ def main(argv):
         f'{FLAGS.workdir}/ (metrics.json, roc.png, score_histogram.png, reconstructions.png)'
       )
   elif FLAGS.mode == 'eval':
-    report = api.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
+    report = trained_run.evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
     print(
       f'{_scores(report, report["score_kind"])} of the {FLAGS.checkpoint} checkpoint; outputs '
       f'rewritten in {FLAGS.workdir}/'
@@ -103,7 +107,8 @@ def main(argv):
     if not FLAGS.images:
       raise app.UsageError('--mode=score needs --images=PATH (a file or a folder).')
     print(
-      'Scores written to', api.score_path(FLAGS.workdir, FLAGS.images, FLAGS.maps, FLAGS.checkpoint)
+      'Scores written to',
+      trained_run.score_path(FLAGS.workdir, FLAGS.images, FLAGS.maps, FLAGS.checkpoint),
     )
 
 

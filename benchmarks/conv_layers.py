@@ -6,7 +6,7 @@ w.r.t. input and kernel) with impl='lax' and impl='auto': median of --iters call
 cycling through fresh random sets, batch --batch, float32. Then the whole generator
 (ModelSpec(isize=32, nc=3), default widths): forward (train=False) and value_and_grad of
 an L1 loss w.r.t. its params (train=True), conv_impl 'lax' vs 'auto'. --ops also times
-each method of the ops C, D, G (see `skipganomaly_jax.layers`) the selection rule uses.
+each method of the ops C, D, G (see `skipganomaly_jax.nets.layers`) the selection rule uses.
 
 Usage: python benchmarks/conv_layers.py [--isize 32 64] [--iters 5] [--ops] [--no_model]
 Writes benchmarks/results/conv_layers.json.
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skipganomaly_jax import layers
-from skipganomaly_jax.models import ModelSpec
+from skipganomaly_jax.nets import layers
+from skipganomaly_jax.nets.models import ModelSpec
 
 _RESULTS = pathlib.Path(__file__).resolve().parent / 'results' / 'conv_layers.json'
 _POOL = 3  # Random input sets per measurement: one for the warm-up call, then cycled.

@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import skipganomaly_jax  # noqa: E402
 from configs import demo  # noqa: E402
-from skipganomaly_jax import export, train  # noqa: E402
+from skipganomaly_jax.deploy import export  # noqa: E402
+from skipganomaly_jax.training import train  # noqa: E402
 
 
 def cpu_name() -> str:

@@ -36,8 +36,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import default  # noqa: E402
-from skipganomaly_jax import input_pipeline, training_step  # noqa: E402
-from skipganomaly_jax import mesh as mesh_lib  # noqa: E402
+from skipganomaly_jax import parallel as mesh_lib  # noqa: E402
+from skipganomaly_jax.data import input_pipeline  # noqa: E402
+from skipganomaly_jax.training import training_step  # noqa: E402
 
 # Dense peak FLOP/s by device kind (vendor datasheets; SXM parts): bfloat16 and, for
 # float32 at JAX's default precision, TF32 on NVIDIA (TPUs: bfloat16 passes).

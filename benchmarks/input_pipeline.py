@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from skipganomaly_jax import input_pipeline as ip
+from skipganomaly_jax.data import input_pipeline as ip
 from skipganomaly_jax.data import sources
 
 _RESULTS = pathlib.Path(__file__).resolve().parent / 'results' / 'input_pipeline.json'

@@ -27,15 +27,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import textures as textures_config  # noqa: E402
-from skipganomaly_jax import (  # noqa: E402
-  api,
-  input_pipeline,
-  localisation,
-  metrics,
-  pixel_metrics,
-  train,  # noqa: E402
-)
-from skipganomaly_jax.data import mvtec, textures  # noqa: E402
+from skipganomaly_jax.data import input_pipeline, mvtec, textures  # noqa: E402
+from skipganomaly_jax.deploy import trained_run as api  # noqa: E402
+from skipganomaly_jax.scoring import localisation, metrics, pixel_metrics
+from skipganomaly_jax.training import train
 
 SIGMAS = (0.0, 1.0, 2.0, 4.0)
 SCORES = localisation.MAP_SCORE_KINDS

@@ -33,8 +33,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import default  # noqa: E402
-from skipganomaly_jax import mesh as mesh_lib  # noqa: E402
-from skipganomaly_jax import training_step  # noqa: E402
+from skipganomaly_jax import parallel as mesh_lib  # noqa: E402
+from skipganomaly_jax.training import training_step  # noqa: E402
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\(.*?op_name="([^"]+)"')
 

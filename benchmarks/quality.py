@@ -44,16 +44,12 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from skipganomaly_jax import (  # noqa: E402
-  api,
-  evaluation,
-  input_pipeline,
-  metrics,
-  scoring,
-  train,
-)
-from skipganomaly_jax.mesh import make_mesh  # noqa: E402
-from skipganomaly_jax.models import ModelSpec  # noqa: E402
+from skipganomaly_jax.data import input_pipeline
+from skipganomaly_jax.deploy import trained_run as api  # noqa: E402
+from skipganomaly_jax.nets.models import ModelSpec  # noqa: E402
+from skipganomaly_jax.parallel import make_mesh  # noqa: E402
+from skipganomaly_jax.scoring import evaluation, metrics, scores
+from skipganomaly_jax.training import train
 
 # The paper's CIFAR-10 AUROCs (Akcay et al. 2019, one class abnormal; its protocol).
 PAPER_CIFAR10 = {
@@ -160,11 +156,11 @@ def fill_score_columns(cell: dict, workdir: pathlib.Path) -> None:
   splits = input_pipeline.load_splits(config)
   if 'knn_last_auroc' not in cell:
     no_bank = {k: v for k, v in params.items() if k != 'knn_bank'}
-    bank = scoring.normalise_codes(scoring.score_details(no_bank, splits.train)['code'])
-    scores = scoring.score_details({**no_bank, 'knn_bank': bank}, splits.test)['score']
-    cell['knn_last_auroc'] = metrics.auroc(splits.test_labels, np.asarray(scores))
+    bank = scores.normalise_codes(scores.score_details(no_bank, splits.train)['code'])
+    knn = scores.score_details({**no_bank, 'knn_bank': bank}, splits.test)['score']
+    cell['knn_last_auroc'] = metrics.auroc(splits.test_labels, np.asarray(knn))
   flat = lambda a: a.reshape(len(a), -1).astype(np.float32)  # noqa: E731
-  pixel = scoring._knn_distance(flat(splits.test), scoring.normalise_codes(flat(splits.train)))
+  pixel = scores.knn_distance(flat(splits.test), scores.normalise_codes(flat(splits.train)))
   cell['pixel_knn_auroc'] = metrics.auroc(splits.test_labels, np.asarray(pixel))
 
 

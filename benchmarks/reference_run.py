@@ -53,7 +53,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import build_config  # noqa: E402
-from skipganomaly_jax import input_pipeline  # noqa: E402
+from skipganomaly_jax.data import input_pipeline  # noqa: E402
 
 
 class _Inert:

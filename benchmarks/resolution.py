@@ -34,10 +34,11 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 from configs import default  # noqa: E402
 from configs import textures as textures_config  # noqa: E402
-from skipganomaly_jax import scoring, train  # noqa: E402
 from skipganomaly_jax import train_step as ts  # noqa: E402
 from skipganomaly_jax.data import textures  # noqa: E402
-from skipganomaly_jax.models import ModelSpec  # noqa: E402
+from skipganomaly_jax.nets.models import ModelSpec  # noqa: E402
+from skipganomaly_jax.scoring import scores  # noqa: E402
+from skipganomaly_jax.training import train  # noqa: E402
 
 GIB = 2**30
 BUDGET = 24 * GIB
@@ -95,8 +96,8 @@ def child(isize: int, batch: int, iters: int) -> dict:
 
   train_s = _median_seconds(train_call, iters)
   spec = ModelSpec.from_config(config)
-  params = scoring.scoring_variables(*state)
-  score = jax.jit(lambda p, v: scoring._score_terms(p, v, scoring.DEFAULT_LAMBDA, spec)['score'])
+  params = scores.scoring_variables(*state)
+  score = jax.jit(lambda p, v: scores.score_terms(p, v, scores.DEFAULT_LAMBDA, spec)['score'])
   xs = jnp.asarray(rng.uniform(-1, 1, (2 * batch, isize, isize, 3)).astype(np.float32))
   score_s = _median_seconds(lambda: score(params, xs), iters)
   return {

@@ -34,7 +34,7 @@ complexity on the test set (`rho(paper, complexity)`).
 z-scores use the mean and standard deviation of that score on the validation normals
 (never the test set). Every network pass uses eval-mode BatchNorm. Each candidate is a
 function of (variables, images) plus the training normals' bank, so whichever is chosen
-can move into skipganomaly_jax/scoring.py as a named score_kind.
+can move into skipganomaly_jax/scoring/scores.py as a named score_kind.
 
     python benchmarks/score_candidates.py \
         --runs mnist5k=runs/quality --runs cifar10_dev=runs/quality_cifar10_dev \
@@ -54,10 +54,15 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from skipganomaly_jax import api, input_pipeline, metrics  # noqa: E402
-from skipganomaly_jax.models import ModelSpec  # noqa: E402
-from skipganomaly_jax.scoring import _knn_distance as knn_distance  # noqa: E402
-from skipganomaly_jax.scoring import normalise_codes, score_details  # noqa: E402
+from skipganomaly_jax.data import input_pipeline  # noqa: E402
+from skipganomaly_jax.deploy import trained_run  # noqa: E402
+from skipganomaly_jax.nets.models import ModelSpec  # noqa: E402
+from skipganomaly_jax.scoring import metrics  # noqa: E402
+from skipganomaly_jax.scoring.scores import (  # noqa: E402
+  knn_distance,  # noqa: E402
+  normalise_codes,
+  score_details,
+)
 
 CHUNK = 256
 KNN = ('g_code', 'g_multi', 'd_feat', 'd_l1', 'd_l2', 'd_l2_flat', 'd_multi')
@@ -181,7 +186,7 @@ def candidate_scores(variables, splits) -> dict:
 
 def evaluate_workdir(workdir: pathlib.Path) -> dict:
   """AUROC of every candidate for one run's final checkpoint."""
-  params, config, _ = api.load(str(workdir))
+  params, config, _ = trained_run.load(str(workdir))
   params = {k: v for k, v in params.items() if k != 'knn_bank'}
   splits = input_pipeline.load_splits(config)
   scores = candidate_scores(params, splits)

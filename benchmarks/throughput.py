@@ -31,13 +31,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import default  # noqa: E402
-from skipganomaly_jax import (  # noqa: E402
-  input_pipeline,
-  scoring,
-  training_step,  # noqa: E402
-)
-from skipganomaly_jax import mesh as mesh_lib  # noqa: E402
-from skipganomaly_jax.models import ModelSpec  # noqa: E402
+from skipganomaly_jax import parallel as mesh_lib  # noqa: E402
+from skipganomaly_jax.data import input_pipeline  # noqa: E402
+from skipganomaly_jax.nets.models import ModelSpec  # noqa: E402
+from skipganomaly_jax.scoring import scores
+from skipganomaly_jax.training import training_step
 
 
 def timed(fn, make_args, iters: int) -> float:
@@ -110,10 +108,10 @@ def bench_score(config, batch: int, iters: int, rng) -> dict:
   """score_fn images/s (its compiled batch function), compile time and FLOPs."""
   spec = ModelSpec.from_config(config)
   g, d = training_step.create_train_states(config, jax.random.key(0))
-  params = scoring.scoring_variables(g, d)
+  params = scores.scoring_variables(g, d)
   dtype = training_step.compute_dtype(config)
-  lam = scoring.DEFAULT_LAMBDA
-  fn = jax.jit(lambda p, x: scoring._score_terms(p, x, lam, spec, dtype=dtype)['score'])
+  lam = scores.DEFAULT_LAMBDA
+  fn = jax.jit(lambda p, x: scores.score_terms(p, x, lam, spec, dtype=dtype)['score'])
   shape = (batch, config.isize, config.isize, config.nc)
   fresh = lambda: (params, jnp.asarray(rng.uniform(-1, 1, shape).astype(np.float32)))
   compile_s, flops = compile_and_flops(fn, *fresh())

@@ -147,10 +147,11 @@ class Ours:
     import jax  # noqa: PLC0415
 
     from configs import default  # noqa: PLC0415
-    from skipganomaly_jax import mesh as mesh_lib  # noqa: PLC0415
-    from skipganomaly_jax import scoring, training_step  # noqa: PLC0415
+    from skipganomaly_jax import parallel as mesh_lib  # noqa: PLC0415
+    from skipganomaly_jax.scoring import scores  # noqa: PLC0415
+    from skipganomaly_jax.training import training_step  # noqa: PLC0415
 
-    self.jax, self.mesh_lib, self.scoring = jax, mesh_lib, scoring
+    self.jax, self.mesh_lib, self.scoring = jax, mesh_lib, scores
     config = default.get_config()
     config.nc, config.batch_size, config.dtype = nc, 64, 'float32'
     self.mesh = mesh_lib.make_mesh(jax.devices()[:1])
@@ -158,7 +159,7 @@ class Ours:
     states = training_step.create_train_states(config, jax.random.key(0))
     self.state = list(mesh_lib.replicate(states, self.mesh))
     # Copies: replicating onto the one device may alias the buffers the step donates.
-    self.params = jax.tree.map(lambda a: a.copy(), scoring.scoring_variables(*states))
+    self.params = jax.tree.map(lambda a: a.copy(), scores.scoring_variables(*states))
     self.calls = 0
 
   def tensors(self, x: np.ndarray):

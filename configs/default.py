@@ -5,7 +5,7 @@ Other configs import this and override fields. Every field is commented here.
 
 import ml_collections
 
-from skipganomaly_jax.scoring import DEFAULT_LAMBDA
+from skipganomaly_jax.scoring.scores import DEFAULT_LAMBDA
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   # and 1/8 of a device's memory (CIFAR-10, MNIST); see data/device_batches.py.
   config.device_data = 'auto'
 
-  # Scoring (skipganomaly_jax/scoring.py). 'paper' (default): Skip-GANomaly's
+  # Scoring (skipganomaly_jax/scoring/scores.py). 'paper' (default): Skip-GANomaly's
   # lam * rec + (1 - lam) * lat. 'latent_knn': cosine distance of G's bottleneck code to
   # its 5 nearest training-normal codes (the bank is stored with the checkpoint). Every
   # evaluation reports both AUROCs (paper_score_auroc, latent_knn_auroc); score_kind
@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   # test AUROC, labelled as such). Named 'protocol' before; old checkpoints still load.
   config.eval_protocol = 'ours'
 
-  # Localisation (skipganomaly_jax/localisation.py): per-pixel anomaly maps; pixel AUROC
+  # Localisation (skipganomaly_jax/scoring/localisation.py): per-pixel anomaly maps; pixel AUROC
   # and PRO are reported when the test set has masks ('mvtec' datasets); score_kind
   # 'map_max' / 'map_topk' score images from their map.
   config.localisation = ml_collections.ConfigDict()

@@ -1,7 +1,7 @@
 """Skip-GANomaly in JAX/Flax: GAN-based image anomaly detection.
 
 Public API:
-  load(workdir): (params, config, calibration) of a trained run (see api.py).
+  load(workdir): (params, config, calibration) of a trained run (see trained_run.py).
   score_fn(params, images): anomaly scores; score_maps: scores and per-pixel maps;
     score_details: both scores, their terms, codes and maps (see scoring.py).
   DatasetScorer: scores whole datasets data-parallel on a device mesh (evaluation.py).
@@ -9,24 +9,24 @@ Public API:
   ModelSpec, Generator, Discriminator: the networks (models.py).
 """
 
-from skipganomaly_jax.models import Discriminator, Generator, ModelSpec
-from skipganomaly_jax.scoring import score_details, score_fn, score_maps, scoring_variables
+from skipganomaly_jax.nets.models import Discriminator, Generator, ModelSpec
+from skipganomaly_jax.scoring.scores import score_details, score_fn, score_maps, scoring_variables
 
 
 def load(workdir: str, which='latest'):
-  """(params, config, calibration) of a trained run; see `skipganomaly_jax.api.load`.
+  """(params, config, calibration) of a trained run; see `skipganomaly_jax.deploy.trained_run.load`.
 
   Imported lazily: the data and checkpoint stack (tfds, orbax) is not needed to score.
   """
-  from skipganomaly_jax import api  # noqa: PLC0415
+  from skipganomaly_jax.deploy import trained_run  # noqa: PLC0415
 
-  return api.load(workdir, which)
+  return trained_run.load(workdir, which)
 
 
 def __getattr__(name: str):
   """`DatasetScorer`, imported on first use (it needs the mesh and sharding helpers)."""
   if name == 'DatasetScorer':
-    from skipganomaly_jax.evaluation import DatasetScorer  # noqa: PLC0415
+    from skipganomaly_jax.scoring.evaluation import DatasetScorer  # noqa: PLC0415
 
     return DatasetScorer
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -93,7 +93,7 @@ def progress_bars(monkeypatch):
   closed stays open instead of being closed by garbage collection); `bar.closed`."""
   import tqdm  # noqa: PLC0415
 
-  from skipganomaly_jax import train  # noqa: PLC0415
+  from skipganomaly_jax.training import train  # noqa: PLC0415
 
   bars = []
 

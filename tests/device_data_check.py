@@ -11,8 +11,8 @@ import sys
 import jax
 import numpy as np
 
-from skipganomaly_jax import input_pipeline as ip
-from skipganomaly_jax import mesh as mesh_lib
+from skipganomaly_jax import parallel as mesh_lib
+from skipganomaly_jax.data import input_pipeline as ip
 
 
 def main(seed: int) -> None:

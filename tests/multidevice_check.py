@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import optax
 
-from skipganomaly_jax import mesh as mesh_lib
-from skipganomaly_jax import training_step
+from skipganomaly_jax import parallel as mesh_lib
+from skipganomaly_jax.training import training_step
 
 
 def relative_error(a, b) -> float:

@@ -73,8 +73,8 @@ def flat_leaves(prefix: str, tree) -> dict:
 
 def restore_and_score(config, workdir: str) -> dict:
   """Restores the latest checkpoint in all processes, scores val and test again."""
-  from skipganomaly_jax import train  # noqa: PLC0415
-  from skipganomaly_jax.scoring import scoring_variables  # noqa: PLC0415
+  from skipganomaly_jax.scoring.scores import scoring_variables  # noqa: PLC0415
+  from skipganomaly_jax.training import train  # noqa: PLC0415
 
   ctx = train.setup(config, workdir)
   try:
@@ -114,7 +114,7 @@ def main(
   assert jax.process_count() == num_processes and jax.process_index() == process_id
   assert jax.device_count() == num_processes * devices
 
-  from skipganomaly_jax import train  # noqa: PLC0415
+  from skipganomaly_jax.training import train  # noqa: PLC0415
 
   config = make_config()
   train.train_and_evaluate(config, workdir)

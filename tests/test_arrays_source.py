@@ -8,8 +8,8 @@ import pytest
 from conftest import load_config, tiny
 from PIL import Image
 
-from skipganomaly_jax import input_pipeline as ip
-from skipganomaly_jax import train
+from skipganomaly_jax.data import input_pipeline as ip
+from skipganomaly_jax.training import train
 
 NAMES = np.array(['cat', 'dog', 'ship'])
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from skipganomaly_jax.models import BN_EPSILON, BN_MOMENTUM, BatchNorm, bn_scale_init
+from skipganomaly_jax.nets.models import BN_EPSILON, BN_MOMENTUM, BatchNorm, bn_scale_init
 
 
 @pytest.fixture

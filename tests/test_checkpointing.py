@@ -1,4 +1,4 @@
-"""Tests of skipganomaly_jax.checkpointing (Orbax wrapper) on a tiny flax model."""
+"""Tests of skipganomaly_jax.training.checkpointing (Orbax wrapper) on a tiny flax model."""
 
 import glob
 import os
@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax.training import train_state
 
-from skipganomaly_jax.checkpointing import Checkpointer, CheckpointError
+from skipganomaly_jax.training.checkpointing import Checkpointer, CheckpointError
 
 # After a failed restore (the corrupt-checkpoint tests), TensorStore may still call back
 # into Orbax's already closed asyncio loop from another thread ("Event loop is closed"):

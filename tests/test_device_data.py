@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from conftest import FAST_COMPILE, ROOT, load_config, tiny
 
-from skipganomaly_jax import input_pipeline as ip
-from skipganomaly_jax import mesh as mesh_lib
-from skipganomaly_jax import run_config, training_step
+from skipganomaly_jax import config as config_lib
+from skipganomaly_jax import parallel as mesh_lib
+from skipganomaly_jax.data import input_pipeline as ip
+from skipganomaly_jax.training import training_step
 
 
 def take(iterator, n):
@@ -109,7 +110,7 @@ def test_config_field_is_checked_and_optional_in_stored_configs():
   assert config.device_data == 'auto'
   config.device_data = 'gpu'
   with pytest.raises(ValueError, match=r"config.device_data must be one of \('auto'"):
-    run_config.validate(config)
+    config_lib.validate(config)
   stored = json.loads(load_config('default').to_json())
   del stored['device_data']  # A checkpoint written before the field existed.
-  run_config.from_stored(stored)
+  config_lib.from_stored(stored)

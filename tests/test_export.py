@@ -1,4 +1,4 @@
-"""Exported detectors (export.py, exported.py, examples/load_exported.py) vs score_fn.
+"""Exported detectors (export.py, detector.py, examples/load_exported.py) vs score_fn.
 
 One tiny run per score kind (widths 8, 1 epoch of 2 steps), exported once per format.
 Tolerance of the parity checks, rtol 1e-4: both formats compute in float32 like score_fn
@@ -24,7 +24,11 @@ import pytest
 from conftest import ROOT, load_config, tiny
 
 import skipganomaly_jax
-from skipganomaly_jax import export, exported, input_pipeline, score_fn, train
+from skipganomaly_jax import score_fn
+from skipganomaly_jax.data import input_pipeline
+from skipganomaly_jax.deploy import detector as detector_lib
+from skipganomaly_jax.deploy import export
+from skipganomaly_jax.training import train
 
 RTOL = 1e-4
 BATCHES = (1, 7, 300)
@@ -36,7 +40,7 @@ def has_onnx():
   try:
     export._jax2onnx()
     import onnxruntime  # noqa: F401, PLC0415
-  except (exported.ExportError, ImportError):
+  except (detector_lib.ExportError, ImportError):
     return False
   return True
 
@@ -87,7 +91,7 @@ def expected_scores(workdir, x):
 
 
 def check_parity(workdir, fmt, seed):
-  detector = exported.load_exported(os.path.join(workdir, 'export'), fmt)
+  detector = detector_lib.load_exported(os.path.join(workdir, 'export'), fmt)
   for i, n in enumerate(BATCHES):
     x = images(n, seed + i)
     got = detector.score(x)
@@ -109,7 +113,7 @@ def test_onnx_scores_equal_score_fn(onnx_runs, kind):
 def check_decisions(workdir, fmt):
   params, config, calibration = skipganomaly_jax.load(workdir)
   test = input_pipeline.load_splits(config).test  # Real digits: both decisions occur.
-  detector = exported.load_exported(os.path.join(workdir, 'export'), fmt)
+  detector = detector_lib.load_exported(os.path.join(workdir, 'export'), fmt)
   expected = np.asarray(score_fn(params, test, lam=config.score_lambda))
   # A score within the tolerance of the threshold may go either way (a few of 1,400).
   near = np.isclose(expected, calibration.threshold, rtol=RTOL, atol=0)
@@ -200,8 +204,8 @@ def copied(runs, tmp_path):
 def test_truncated_model_file_is_named(copied):
   path = copied / 'scorer.stablehlo'
   path.write_bytes(path.read_bytes()[:1000])
-  with pytest.raises(exported.ExportError, match='scorer.stablehlo is truncated'):
-    exported.load_exported(str(copied))
+  with pytest.raises(detector_lib.ExportError, match='scorer.stablehlo is truncated'):
+    detector_lib.load_exported(str(copied))
 
 
 def test_corrupt_model_file_is_caught_by_both_loaders(copied):
@@ -211,30 +215,30 @@ def test_corrupt_model_file_is_caught_by_both_loaders(copied):
   data = bytearray(path.read_bytes())
   data[len(data) // 2] ^= 0xFF
   path.write_bytes(bytes(data))
-  with pytest.raises(exported.ExportError, match='scorer.stablehlo is corrupt'):
-    exported.load_exported(str(copied))
+  with pytest.raises(detector_lib.ExportError, match='scorer.stablehlo is corrupt'):
+    detector_lib.load_exported(str(copied))
   with pytest.raises(ValueError, match='sha256'):
     runpy.run_path(str(LOADER))['load_detector'](str(copied))
 
 
 def test_bad_detector_json_and_missing_files_are_named(copied, tmp_path):
-  with pytest.raises(exported.ExportError, match='no .*detector.json'):
-    exported.load_exported(str(tmp_path / 'nowhere'))
+  with pytest.raises(detector_lib.ExportError, match='no .*detector.json'):
+    detector_lib.load_exported(str(tmp_path / 'nowhere'))
   meta = json.loads((copied / 'detector.json').read_text())
   meta['models'].pop('onnx', None)
   (copied / 'detector.json').write_text(json.dumps(meta))
-  with pytest.raises(exported.ExportError, match='holds no onnx model'):
-    exported.load_exported(str(copied), 'onnx')
+  with pytest.raises(detector_lib.ExportError, match='holds no onnx model'):
+    detector_lib.load_exported(str(copied), 'onnx')
   (copied / 'scorer.stablehlo').unlink()
-  with pytest.raises(exported.ExportError, match='scorer.stablehlo is missing'):
-    exported.load_exported(str(copied))
+  with pytest.raises(detector_lib.ExportError, match='scorer.stablehlo is missing'):
+    detector_lib.load_exported(str(copied))
   (copied / 'detector.json').write_text('{"detector_version": 1, "mod')
-  with pytest.raises(exported.ExportError, match='not valid JSON'):
-    exported.load_exported(str(copied))
+  with pytest.raises(detector_lib.ExportError, match='not valid JSON'):
+    detector_lib.load_exported(str(copied))
 
 
 def test_wrong_images_are_rejected(runs):
-  detector = exported.load_exported(os.path.join(runs['paper'], 'export'))
+  detector = detector_lib.load_exported(os.path.join(runs['paper'], 'export'))
   with pytest.raises(ValueError, match='uint8'):
     detector.score(images(2, seed=40).astype(np.float32) / 127.5 - 1)
   with pytest.raises(ValueError, match=r'shape \(N, 32, 32, 1\)'):
@@ -242,13 +246,13 @@ def test_wrong_images_are_rejected(runs):
 
 
 def test_unknown_format_is_an_error(runs):
-  with pytest.raises(exported.ExportError, match='format must be one of'):
+  with pytest.raises(detector_lib.ExportError, match='format must be one of'):
     export.export_run(runs['paper'], 'tflite')
 
 
 @needs_onnx
 def test_both_formats_share_one_detector_json(onnx_runs):
-  meta = exported.load_exported(os.path.join(onnx_runs['paper'], 'export'), 'onnx').metadata
+  meta = detector_lib.load_exported(os.path.join(onnx_runs['paper'], 'export'), 'onnx').metadata
   assert sorted(meta['models']) == ['onnx', 'stablehlo']
 
 
@@ -259,5 +263,5 @@ def test_file_that_does_not_deserialize_is_named(copied):
   meta = json.loads((copied / 'detector.json').read_text())
   meta['models']['stablehlo'] |= {'bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
   (copied / 'detector.json').write_text(json.dumps(meta))
-  with pytest.raises(exported.ExportError, match='scorer.stablehlo does not load'):
-    exported.load_exported(str(copied))
+  with pytest.raises(detector_lib.ExportError, match='scorer.stablehlo does not load'):
+    detector_lib.load_exported(str(copied))

@@ -17,8 +17,10 @@ from PIL import Image
 from test_reference_parity import FIXTURE, FORWARD_RTOL, SPEC, nhwc, relative, state_dict
 
 import skipganomaly_jax
-from skipganomaly_jax import api, import_reference, scoring, torch_weights
-from skipganomaly_jax.models import ModelSpec
+from skipganomaly_jax.deploy import import_reference, trained_run
+from skipganomaly_jax.nets import torch_weights
+from skipganomaly_jax.nets.models import ModelSpec
+from skipganomaly_jax.scoring import scores
 
 
 @pytest.fixture(scope='module')
@@ -39,7 +41,7 @@ def import_config(dataset: str = 'mnist_offline'):
 
 def paper_score_of_x0(workdir, ref):
   params, config, calibration = skipganomaly_jax.load(str(workdir))
-  details = scoring.score_details(params, np.asarray(nhwc(ref['x0'])))
+  details = scores.score_details(params, np.asarray(nhwc(ref['x0'])))
   return relative(details['paper_score'], ref['init_eval/score']), params, config, calibration
 
 
@@ -111,7 +113,12 @@ def test_pth_import_calibrates_and_scores(ref, tmp_path):
     '--config.eval_batch_size=512',
     '--config.score_kind=latent_knn',
   ]
-  cmd = [sys.executable, '-m', 'skipganomaly_jax.import_reference', '--config=configs/demo.py']
+  cmd = [
+    sys.executable,
+    '-m',
+    'skipganomaly_jax.import_reference',
+    '--config=configs/demo.py',
+  ]
   cmd += [f'--netg={paths["G"]}', f'--netd={paths["D"]}', f'--workdir={workdir}', *flags]
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -130,7 +137,7 @@ def test_pth_import_calibrates_and_scores(ref, tmp_path):
   for i, x in enumerate(ref['x0'][:3]):
     pixels = np.round((x.transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)
     Image.fromarray(pixels).save(images / f'{i}.png')
-  with open(api.score_path(str(workdir), str(images))) as f:
+  with open(trained_run.score_path(str(workdir), str(images))) as f:
     rows = f.read().splitlines()
   assert rows[0] == 'path,score,normalised_score,anomalous' and len(rows) == 4
 

@@ -14,8 +14,8 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from skipganomaly_jax import layers
-from skipganomaly_jax.models import Discriminator, Generator
+from skipganomaly_jax.nets import layers
+from skipganomaly_jax.nets.models import Discriminator, Generator
 
 RTOL = ATOL = 1e-5
 

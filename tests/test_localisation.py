@@ -11,9 +11,11 @@ from conftest import load_config, tiny
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from skipganomaly_jax import input_pipeline, localisation, overlays, scoring, train, training_step
-from skipganomaly_jax.data import textures
-from skipganomaly_jax.models import ModelSpec
+from skipganomaly_jax.data import input_pipeline, textures
+from skipganomaly_jax.nets.models import ModelSpec
+from skipganomaly_jax.reporting import overlays
+from skipganomaly_jax.scoring import localisation, scores
+from skipganomaly_jax.training import train, training_step
 
 
 @pytest.mark.parametrize('sigma', [0.0, 0.6, 1.0, 2.5])
@@ -52,7 +54,7 @@ def params():
   config = tiny(load_config('default'))
   config.nc = 3
   g, d = training_step.create_train_states(config, jax.random.key(0))
-  return scoring.scoring_variables(g, d)
+  return scores.scoring_variables(g, d)
 
 
 def _bilinear_up2(a: np.ndarray, size: int) -> np.ndarray:
@@ -68,7 +70,7 @@ def test_map_terms_match_independent_computation(params, rng):
   images = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
   terms = localisation.map_terms(params, images, d_levels=1, chunk=2)  # Padded chunks too.
   # The rec map's mean is scoring's (independently computed) rec term.
-  rec = np.asarray(scoring.score_details(params, images)['rec'])
+  rec = np.asarray(scores.score_details(params, images)['rec'])
   np.testing.assert_allclose(terms['rec'].mean(axis=(1, 2)), rec, rtol=1e-5)
   # The D term at level 1: D's first convolution (4x4, stride 2, pad 1) by lax, upsampled.
   x = images.astype(np.float32) / 127.5 - 1
@@ -115,9 +117,9 @@ def test_train_reports_pixel_metrics_with_masks(tmp_path):
   workdir = str(tmp_path / 'run')
   report = train.train_and_evaluate(config, workdir)
   # Independent recomputation from the saved model: sklearn on every test pixel.
-  from skipganomaly_jax import api
+  from skipganomaly_jax.deploy import trained_run
 
-  params, config, calibration = api.load(workdir)
+  params, config, calibration = trained_run.load(workdir)
   splits = input_pipeline.load_splits(config)
   assert splits.test_masks.shape == (12, 32, 32) and not splits.test_masks[:4].any()
   maps = localisation.anomaly_maps(params, splits.test, localisation.Settings(sigma=1.0))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from skipganomaly_jax import losses
+from skipganomaly_jax.training import losses
 
 
 def np_bce(logits, target):

@@ -17,7 +17,11 @@ from conftest import ROOT, TINY, load_config, tiny
 from PIL import Image
 
 import skipganomaly_jax
-from skipganomaly_jax import api, checkpointing, input_pipeline, metrics, score_fn, train
+from skipganomaly_jax import score_fn
+from skipganomaly_jax.data import input_pipeline
+from skipganomaly_jax.deploy import trained_run
+from skipganomaly_jax.scoring import metrics
+from skipganomaly_jax.training import checkpointing, train
 
 EPOCHS, STEPS = 4, 3
 TRAIN_FLAGS = [f'--config.{k}={v}' for k, v in TINY.items()] + [
@@ -148,8 +152,8 @@ def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
     assert ckpt.latest_step() < EPOCHS * STEPS, 'the run finished before it was killed'
   resumed = run_main(tmp_path, *TRAIN_FLAGS)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  expected, _, _ = api.load(str(trained))
-  got, _, _ = api.load(str(tmp_path))
+  expected, _, _ = trained_run.load(str(trained))
+  got, _, _ = trained_run.load(str(tmp_path))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, expected)
 
 
@@ -177,7 +181,7 @@ def test_score_mode_writes_csv_and_maps(trained, tmp_path, rng):
   proc = run_main(trained, '--mode=score', f'--images={images}', '--maps', '--verbosity=0')
   assert proc.returncode == 0, proc.stderr[-3000:]
   # An explicit --verbosity shows the libraries' INFO logs again (Orbax's restore).
-  assert info_sources(proc.stderr) - {'main.py', 'train.py', 'api.py'}, proc.stderr[-3000:]
+  assert info_sources(proc.stderr) - {'main.py', 'train.py', 'trained_run.py'}, proc.stderr[-3000:]
   rows = (trained / 'scores.csv').read_text().splitlines()
   assert rows[0] == 'path,score,normalised_score,anomalous' and len(rows) == 4
   assert all(r.split(',')[3] in ('yes', 'no') for r in rows[1:])
@@ -191,7 +195,7 @@ def test_corrupt_checkpoint_is_named(trained, tmp_path):
   for path in (step_dir / 'state' / 'd').iterdir():
     path.unlink()
   with pytest.raises(checkpointing.CheckpointError, match=str(step_dir)):
-    api.load(str(workdir))
+    trained_run.load(str(workdir))
 
 
 def test_mismatched_config_is_named(trained, tmp_path):
@@ -224,7 +228,7 @@ def test_latent_knn_by_name_stores_the_bank(tmp_path):
   config.num_epochs, config.max_steps_per_epoch = 1, 2
   report = train.train_and_evaluate(config, str(tmp_path))
   assert report['auroc'] == report['latent_knn_auroc']
-  params, config, _ = api.load(str(tmp_path))
+  params, config, _ = trained_run.load(str(tmp_path))
   # The stored bank is the unit-norm codes of exactly the training normals.
   splits = input_pipeline.load_splits(config)
   no_bank = {k: v for k, v in params.items() if k != 'knn_bank'}

@@ -1,4 +1,4 @@
-"""Tests of skipganomaly_jax.metrics against scikit-learn on fresh random inputs."""
+"""Tests of skipganomaly_jax.scoring.metrics against scikit-learn on fresh random inputs."""
 
 import dataclasses
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from skipganomaly_jax import metrics
+from skipganomaly_jax.scoring import metrics
 
 
 def _random_case(rng: np.random.Generator, kind: str):

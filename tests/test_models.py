@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from skipganomaly_jax.models import ModelSpec, reinit_params
+from skipganomaly_jax.nets.models import ModelSpec, reinit_params
 
 
 def count(tree) -> int:

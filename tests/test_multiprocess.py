@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from conftest import FAST_COMPILE, ROOT
 
-from skipganomaly_jax import api, checkpointing
+from skipganomaly_jax.deploy import trained_run
+from skipganomaly_jax.training import checkpointing
 
 CHECK = ROOT / 'tests' / 'multiprocess_check.py'
 TIMEOUT_S = 420  # All processes of both runs together (a cold compilation cache is slow).
@@ -168,9 +169,9 @@ def test_only_process_0_writes_logs_and_outputs(runs):
 
 
 def test_checkpoint_of_two_processes_loads_in_one(runs):
-  """api.load restores a checkpoint saved on 2 hosts x 2 devices onto this 1 device."""
+  """trained_run.load restores a checkpoint saved on 2 hosts x 2 devices onto this 1 device."""
   multi = load(runs[1])
-  params, config, calibration = api.load(str(runs[1] / 'run'))
+  params, config, calibration = trained_run.load(str(runs[1] / 'run'))
   assert calibration is not None and config.model.ngf == 8
   assert jax.tree.leaves(params)[0].sharding.device_set == {jax.local_devices()[0]}
   for key, got in (

@@ -7,8 +7,8 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
-from skipganomaly_jax import input_pipeline as ip
 from skipganomaly_jax.data import images as images_lib
+from skipganomaly_jax.data import input_pipeline as ip
 from skipganomaly_jax.data import mvtec, textures
 
 

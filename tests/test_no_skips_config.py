@@ -10,8 +10,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from skipganomaly_jax import run_config
-from skipganomaly_jax.models import ModelSpec, check_drop_outer_skips
+from skipganomaly_jax import config as config_lib
+from skipganomaly_jax.nets.models import ModelSpec, check_drop_outer_skips
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT))  # configs/ is imported as a package, as main.py does.
@@ -41,7 +41,7 @@ def test_changes_only_the_option_and_removes_every_skip(base):
   check_drop_outer_skips(option.model.drop_outer_skips, levels)  # In range...
   with pytest.raises(ValueError):  # ...and the largest value: no skip is left.
     check_drop_outer_skips(option.model.drop_outer_skips + 1, levels)
-  run_config.validate(option)
+  config_lib.validate(option)
 
 
 def test_generator_of_the_option_has_no_skip_inputs():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from skipganomaly_jax import pixel_metrics
+from skipganomaly_jax.scoring import pixel_metrics
 
 
 def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:

@@ -1,4 +1,4 @@
-"""Tests that skipganomaly_jax.plots writes valid PNG images of plausible size."""
+"""Tests that skipganomaly_jax.reporting.plots writes valid PNG images of plausible size."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skipganomaly_jax import plots
+from skipganomaly_jax.reporting import plots
 
 
 def _read_png(path):

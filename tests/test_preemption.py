@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY, load_config, tiny
 
-from skipganomaly_jax import api, checkpointing, evaluation, input_pipeline, metrics, train
-from skipganomaly_jax.scoring import score_details, score_fn
+from skipganomaly_jax.data import input_pipeline
+from skipganomaly_jax.deploy import trained_run
+from skipganomaly_jax.scoring import evaluation, metrics
+from skipganomaly_jax.scoring.scores import score_details, score_fn
+from skipganomaly_jax.training import checkpointing, train
 
 STEPS = 20  # One epoch; SIGTERM arrives after the first step.
 TIMEOUT_S = 300
@@ -110,7 +113,7 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_and_exits_0(runs, saved_step):
   # Networks of a moment no bank or calibration was computed for: not loadable.
   assert meta['calibration'] is None and meta['knn_bank_shape'] is None
   with pytest.raises(checkpointing.CheckpointError, match='no evaluated checkpoint'):
-    api.load(str(preempted))
+    trained_run.load(str(preempted))
 
 
 def test_rerun_resumes_and_equals_uninterrupted(runs, saved_step):
@@ -121,8 +124,8 @@ def test_rerun_resumes_and_equals_uninterrupted(runs, saved_step):
   assert train_steps(preempted) == list(range(1, STEPS + 1))  # No step twice or skipped.
   with checkpointing.Checkpointer(preempted / 'checkpoints') as ckpt:
     assert ckpt.latest_step() == STEPS
-  expected, _, _ = api.load(str(full))
-  got, _, _ = api.load(str(preempted))
+  expected, _, _ = trained_run.load(str(full))
+  got, _, _ = trained_run.load(str(preempted))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, expected)
   reports = [json.loads((d / 'metrics.json').read_text())['final'] for d in (full, preempted)]
   assert reports[1]['auroc'] == pytest.approx(reports[0]['auroc'], abs=1e-6)
@@ -150,7 +153,7 @@ def test_load_of_a_run_preempted_after_an_epoch(tmp_path, monkeypatch, progress_
   with checkpointing.Checkpointer(tmp_path / 'checkpoints') as ckpt:
     assert ckpt.all_steps() == [2, 3]
   # load() gives epoch 1's checkpoint, whose bank and calibration are its networks'.
-  params, _, calibration = api.load(str(tmp_path))
+  params, _, calibration = trained_run.load(str(tmp_path))
   splits = input_pipeline.load_splits(config)
   no_bank = {k: v for k, v in params.items() if k != 'knn_bank'}
   codes = np.asarray(score_details(no_bank, splits.train)['code'], np.float64)
@@ -160,7 +163,7 @@ def test_load_of_a_run_preempted_after_an_epoch(tmp_path, monkeypatch, progress_
   refit = metrics.Calibration.fit(val, config.threshold_percentile)
   assert calibration.threshold == pytest.approx(refit.threshold, rel=1e-4)
   with pytest.raises(checkpointing.CheckpointError, match='saved on preemption'):
-    api.load(str(tmp_path), 3)
+    trained_run.load(str(tmp_path), 3)
   assert progress_bars and all(bar.closed for bar in progress_bars)
 
 
@@ -187,5 +190,5 @@ def test_sigterm_during_evaluation_stops_between_batches(tmp_path, monkeypatch):
   assert report['epoch'] == 1 and report['step'] == 2
   with checkpointing.Checkpointer(tmp_path / 'checkpoints') as ckpt:
     assert ckpt.all_steps() == [2] and ckpt.restore_meta()['calibration'] is not None
-  _, _, calibration = api.load(str(tmp_path))
+  _, _, calibration = trained_run.load(str(tmp_path))
   assert calibration.threshold == pytest.approx(report['threshold'])

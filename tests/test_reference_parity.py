@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from skipganomaly_jax import scoring, torch_weights, training_step
-from skipganomaly_jax.models import ModelSpec
+from skipganomaly_jax.nets import torch_weights
+from skipganomaly_jax.nets.models import ModelSpec
+from skipganomaly_jax.scoring import scores
+from skipganomaly_jax.training import training_step
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / 'data' / 'reference_parity_ngf8.npz'
 SPEC = ModelSpec(isize=32, nc=3, ngf=8, ndf=8, nz=10)
@@ -135,13 +137,13 @@ def test_outputs_equal_reference(ref, trained, mode):
   """
   if mode == 'step3_eval':
     g, d, _ = trained['step3']
-    variables_ = scoring.scoring_variables(g, d)
+    variables_ = scores.scoring_variables(g, d)
   else:
     variables_ = variables(ref, 'init')
   ours = forward(ref, variables_, train=mode == 'init_train')
   errors = {k: relative(v, ref[f'{mode}/{k}']) for k, v in ours.items()}
   if mode != 'init_train':  # The reference scores in eval mode here; so do we.
-    errors['score'] = relative(scoring.score_fn(variables_, nhwc(ref['x0'])), ref[f'{mode}/score'])
+    errors['score'] = relative(scores.score_fn(variables_, nhwc(ref['x0'])), ref[f'{mode}/score'])
   assert max(errors.values()) < FORWARD_RTOL, show(errors)
 
 

@@ -15,8 +15,13 @@ import pytest
 from conftest import ROOT, load_config, tiny
 from PIL import Image
 
-from skipganomaly_jax import api, input_pipeline, metrics, run_config, score_details, train
-from skipganomaly_jax.models import ModelSpec
+from skipganomaly_jax import config as config_lib
+from skipganomaly_jax import score_details
+from skipganomaly_jax.data import input_pipeline
+from skipganomaly_jax.deploy import trained_run
+from skipganomaly_jax.nets.models import ModelSpec
+from skipganomaly_jax.scoring import metrics
+from skipganomaly_jax.training import train
 
 LAM = 0.5
 
@@ -57,7 +62,7 @@ def test_isize_64_run_writes_its_outputs(run):
   workdir, _, report = run
   for name in ('metrics.json', 'roc.png', 'score_histogram.png', 'reconstructions.png'):
     assert (workdir / name).is_file(), name
-  params, config, _ = api.load(str(workdir))
+  params, config, _ = trained_run.load(str(workdir))
   assert config.isize == 64 and params['generator']['params']
   assert ModelSpec.from_variables(params).isize == 64
   written = json.loads((workdir / 'metrics.json').read_text())
@@ -67,7 +72,7 @@ def test_isize_64_run_writes_its_outputs(run):
 
 def test_reference_protocol_auroc_is_the_references(run):
   workdir, config, report = run
-  params, _, _ = api.load(str(workdir))
+  params, _, _ = trained_run.load(str(workdir))
   splits = input_pipeline.load_splits(config)
   expected = metrics.auroc(
     splits.test_labels,
@@ -78,7 +83,7 @@ def test_reference_protocol_auroc_is_the_references(run):
 
 def test_eval_appends_its_report_with_the_runs_score(run):
   workdir, _, trained = run
-  report = api.evaluate_checkpoint(str(workdir))
+  report = trained_run.evaluate_checkpoint(str(workdir))
   history = json.loads((workdir / 'metrics.json').read_text())['history']
   assert len(history) == 2 and history[0] == json.loads(json.dumps(trained))
   assert history[1]['checkpoint'] == 'latest' and history[1]['step'] == 2
@@ -96,10 +101,10 @@ def test_score_mode_scores_with_the_runs_lambda(run, tmp_path):
   pick = np.r_[0:4, len(splits.test) - 4 : len(splits.test)]  # 4 normal, 4 abnormal.
   for i in pick:
     Image.fromarray(splits.test[i, ..., 0]).save(tmp_path / f'{i:04d}.png')
-  csv_path = api.score_path(str(workdir), str(tmp_path))
+  csv_path = trained_run.score_path(str(workdir), str(tmp_path))
   rows = [line.split(',') for line in open(csv_path).read().splitlines()[1:]]
   scores = np.array([float(r[1]) for r in rows])
-  params, _, calibration = api.load(str(workdir))
+  params, _, calibration = trained_run.load(str(workdir))
   terms = score_details(params, splits.test[pick])  # float32: rec and lat only.
   rec, lat = np.asarray(terms['rec'], np.float64), np.asarray(terms['lat'], np.float64)
   np.testing.assert_allclose(scores, LAM * rec + (1 - LAM) * lat, rtol=0.05)  # bf16 run.
@@ -131,33 +136,33 @@ def test_old_field_name_of_a_stored_config_is_mapped():
   stored = json.loads(load_config('demo').to_json())
   stored['protocol'] = stored.pop('eval_protocol')
   stored['protocol'] = 'reference'
-  config = run_config.from_stored(stored)
+  config = config_lib.from_stored(stored)
   assert config.eval_protocol == 'reference' and 'protocol' not in config
 
 
 @pytest.mark.parametrize('which, expected', [('latest', 'latest'), ('best', 'best'), ('12', 12)])
 def test_checkpoint_selector(which, expected):
-  assert run_config.checkpoint_selector(which) == expected
+  assert config_lib.checkpoint_selector(which) == expected
 
 
 @pytest.mark.parametrize('which', ['foo', '-3', '1.5', ''])
 def test_bad_checkpoint_selector_names_the_allowed_values(which, tmp_path):
   with pytest.raises(ValueError, match="'latest', 'best' or a step number"):
-    api.load(str(tmp_path), which)
+    trained_run.load(str(tmp_path), which)
 
 
 def test_stored_config_with_an_unknown_value_is_refused():
   stored = ml_collections.ConfigDict(load_config('demo')).to_dict()
   stored['score_kind'] = 'pixel_knn'
   with pytest.raises(ValueError, match='config.score_kind must be one of'):
-    run_config.from_stored(stored)
+    config_lib.from_stored(stored)
 
 
 def test_loading_and_evaluation_need_no_training_code():
   code = (
-    'import sys; import skipganomaly_jax.api, skipganomaly_jax.evaluation; '
-    "print(sorted(m for m in ('optax', 'skipganomaly_jax.training_step', "
-    "'skipganomaly_jax.losses') if m in sys.modules))"
+    'import sys; import skipganomaly_jax.deploy.trained_run, skipganomaly_jax.scoring.evaluation; '
+    "print(sorted(m for m in ('optax', 'skipganomaly_jax.training.training_step', "
+    "'skipganomaly_jax.training.losses') if m in sys.modules))"
   )
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0 and out.stdout.strip() == '[]', out.stderr[-2000:]

@@ -6,9 +6,11 @@ import pytest
 from jax.sharding import Mesh
 
 import skipganomaly_jax
-from skipganomaly_jax import evaluation, score_details, score_fn, score_maps, scoring, training_step
-from skipganomaly_jax.models import ModelSpec
-from skipganomaly_jax.scoring import _knn_distance, normalise_codes, scoring_variables
+from skipganomaly_jax import score_details, score_fn, score_maps
+from skipganomaly_jax.nets.models import ModelSpec
+from skipganomaly_jax.scoring import evaluation, scores
+from skipganomaly_jax.scoring.scores import knn_distance, normalise_codes, scoring_variables
+from skipganomaly_jax.training import training_step
 
 
 @pytest.fixture(scope='module')
@@ -174,7 +176,7 @@ def numpy_knn(codes, bank_codes, k=5):
 
 def test_knn_distance_matches_numpy(rng):
   codes, bank = rng.normal(size=(9, 16)), rng.normal(size=(40, 16))
-  got = _knn_distance(codes.astype(np.float32), normalise_codes(bank.astype(np.float32)), k=5)
+  got = knn_distance(codes.astype(np.float32), normalise_codes(bank.astype(np.float32)), k=5)
   np.testing.assert_allclose(got, numpy_knn(codes, bank), atol=1e-5)
 
 
@@ -213,7 +215,7 @@ def test_knn_distance_is_precise_for_near_identical_codes(rng):
   base = rng.normal(size=(1, 64))
   codes = base + 1e-3 * rng.normal(size=(6, 64))
   bank = base + 1e-3 * rng.normal(size=(50, 64))
-  got = _knn_distance(codes.astype(np.float32), normalise_codes(bank.astype(np.float32)), k=5)
+  got = knn_distance(codes.astype(np.float32), normalise_codes(bank.astype(np.float32)), k=5)
   np.testing.assert_allclose(got, numpy_knn(codes, bank), rtol=2e-3)
 
 
@@ -221,11 +223,11 @@ def test_batch_sizes_compile_a_bounded_number_of_programs(params, rng):
   """Batches are padded to powers of two (at most `chunk`): 6 sizes, 2 programs."""
   images = rng.uniform(-1, 1, (13, 32, 32, 1)).astype(np.float32)
   whole = np.asarray(score_details(params, images)['score'])
-  scoring._score_batch.clear_cache()
+  scores._score_batch.clear_cache()
   for n in (3, 5, 6, 7, 9, 13):  # Buckets 4, 8, 8, 8, then chunks of 8.
     got = score_details(params, images[:n], chunk=8)['score']
     np.testing.assert_allclose(got, whole[:n], rtol=1e-5)
-  assert scoring._score_batch._cache_size() == 2
+  assert scores._score_batch._cache_size() == 2
 
 
 def test_dataset_scorer_and_the_reference_protocol(params, rng):

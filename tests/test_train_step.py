@@ -6,8 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from skipganomaly_jax import run_config, training_step
-from skipganomaly_jax.models import ModelSpec, reinit_params
+from skipganomaly_jax import config as config_lib
+from skipganomaly_jax.nets.models import ModelSpec, reinit_params
+from skipganomaly_jax.training import training_step
 
 
 def jitted_step(config):
@@ -183,4 +184,4 @@ def test_bfloat16_compute_trains_with_float32_params(tiny_config, batch):
 def test_bad_dtype_is_rejected(tiny_config):
   tiny_config.dtype = 'float16'
   with pytest.raises(ValueError, match="config.dtype must be one of \\('float32', 'bfloat16'\\)"):
-    run_config.compute_dtype(tiny_config)
+    config_lib.compute_dtype(tiny_config)

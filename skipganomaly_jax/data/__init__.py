@@ -1,4 +1,4 @@
-"""Input pipeline internals; import the public API from `skipganomaly_jax.input_pipeline`.
+"""Input pipeline internals; import the public API from `skipganomaly_jax.data.input_pipeline`.
 
 - `images`: decoding, channel conversion, resize + centre crop, image folders.
 - `sources`: the labelled image pools (offline MNIST digits, folder datasets, TFDS).

@@ -25,10 +25,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from skipganomaly_jax.config import DEVICE_DATA_SETTINGS
 from skipganomaly_jax.data.batches import TrainIterator
 from skipganomaly_jax.data.images import to_float
 
-DEVICE_DATA_SETTINGS = ('auto', 'on', 'off')
 DEVICE_DATA_MAX_BYTES = 1 << 30  # 'auto': the most bytes of training images kept on devices.
 
 

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from skipganomaly_jax.config import ALLOWED_NC
+
 # The extensions torchvision's ImageFolder accepts (case-insensitive).
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
 _CHUNK = 256  # Images per thread-pool task.
-ALLOWED_NC = (1, 3)  # Grayscale or RGB.
 
 
 def check_geometry(isize: int, nc: int) -> None:
@@ -64,7 +65,7 @@ def check_batch_shape(shape, isize: int, nc: int) -> None:
   if shape[1:3] != (isize, isize):
     raise ValueError(
       f'images must be {isize}x{isize} pixels, shape {expected}; got {shape[1]}x{shape[2]} '
-      f'(shape {shape}). Resize them first (skipganomaly_jax.input_pipeline.load_images '
+      f'(shape {shape}). Resize them first (skipganomaly_jax.data.input_pipeline.load_images '
       'resizes and centre-crops image files).'
     )
   if shape[3] != nc:

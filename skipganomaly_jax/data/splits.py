@@ -17,10 +17,10 @@ import dataclasses
 
 import numpy as np
 
+from skipganomaly_jax.config import DATASET_PROTOCOLS as PROTOCOLS
 from skipganomaly_jax.data import images as images_lib
 from skipganomaly_jax.data import sources
 
-PROTOCOLS = ('one_class', 'ganomaly')
 GANOMALY_TRAIN_FRACTION = 0.8
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from skipganomaly_jax import metrics
+from skipganomaly_jax.scoring import metrics
 
 _DPI = 100
 

@@ -18,18 +18,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from skipganomaly_jax import (
-  checkpointing,
-  evaluation,
-  input_pipeline,
-  localisation,
-  metrics,
-  outputs,
-  overlays,
-  run_config,
-)
-from skipganomaly_jax.mesh import make_mesh
-from skipganomaly_jax.scoring import score_details
+from skipganomaly_jax import config as config_lib
+from skipganomaly_jax.data import input_pipeline
+from skipganomaly_jax.parallel import make_mesh
+from skipganomaly_jax.reporting import outputs, overlays
+from skipganomaly_jax.scoring import evaluation, localisation, metrics
+from skipganomaly_jax.scoring.scores import score_details
+from skipganomaly_jax.training import checkpointing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +65,7 @@ def is_evaluated(meta: dict) -> bool:
 
 def _select(ckpt: checkpointing.Checkpointer, which) -> int:
   """The step of `which` ('latest', 'best' or a step) among the evaluated checkpoints."""
-  which = run_config.checkpoint_selector(which)
+  which = config_lib.checkpoint_selector(which)
   steps = ckpt.all_steps()
   evaluated = [s for s in steps if is_evaluated(ckpt.restore_meta(s))]
   retrain = f'python main.py --config=... --workdir={os.path.dirname(ckpt.directory)}'
@@ -124,7 +119,7 @@ def restore(workdir: str, which='latest') -> TrainedModel:
     checkpointing.CheckpointError: no (evaluated) checkpoint, or a corrupt one.
     ValueError: a bad `which`, or a stored config this version does not understand.
   """
-  which = run_config.checkpoint_selector(which)
+  which = config_lib.checkpoint_selector(which)
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     raise checkpointing.CheckpointError(
@@ -132,7 +127,7 @@ def restore(workdir: str, which='latest') -> TrainedModel:
     )
   with checkpointing.Checkpointer(directory) as ckpt:
     step = _select(ckpt, which)
-    config = run_config.from_stored(ckpt.restore_meta(step)['config'])
+    config = config_lib.from_stored(ckpt.restore_meta(step)['config'])
     # The stored tree as the target: no optimiser or TrainState class is needed to read it.
     state, meta = ckpt.restore(step, _local(ckpt.abstract_state(step)))
   params = {'generator': _variables(state['g']), 'discriminator': _variables(state['d'])}

@@ -36,17 +36,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex
 
-import skipganomaly_jax
-from skipganomaly_jax import scoring
 from skipganomaly_jax.data.images import to_float
-from skipganomaly_jax.exported import (
+from skipganomaly_jax.deploy import trained_run
+from skipganomaly_jax.deploy.detector import (
   DETECTOR_JSON,
   DETECTOR_VERSION,
   FILENAMES,
   FORMATS,
   ExportError,
 )
-from skipganomaly_jax.models import ModelSpec
+from skipganomaly_jax.nets.models import ModelSpec
+from skipganomaly_jax.scoring.scores import check_knn_bank, score_terms
 
 STABLEHLO_PLATFORMS = ('cpu', 'cuda')
 ONNX_OPSET = 23
@@ -74,11 +74,11 @@ def scorer(params, lam: float, conv_impl: str = 'auto'):
     The scoring function; equal to `score_fn(params, images, lam=lam)` on uint8 images.
   """
   spec = dataclasses.replace(ModelSpec.from_variables(params), conv_impl=conv_impl)
-  scoring._check_knn_bank(params, spec)  # Package-internal helpers of the one formula.
+  check_knn_bank(params, spec)
   constants = jax.tree.map(jnp.asarray, params)
 
   def scores(images):
-    return scoring._score_terms(constants, to_float(images), lam, spec)['score']
+    return score_terms(constants, to_float(images), lam, spec)['score']
 
   return scores
 
@@ -289,7 +289,7 @@ def export_run(workdir: str, fmt: str = 'stablehlo', which='latest') -> str:
   """
   if fmt not in FORMATS:
     raise ExportError(f'format must be one of {FORMATS}; got {fmt!r}.')
-  params, config, calibration = skipganomaly_jax.load(workdir, which)
+  params, config, calibration = trained_run.load(workdir, which)
   if calibration is None:
     raise ExportError(
       f'the checkpoint in {workdir} has no calibration (preempted before its first '

@@ -5,7 +5,7 @@ mode BatchNorm: each image's score is independent of its batch) and returns the 
 in dataset order on every process. Its `reference_protocol` reproduces the reference
 code's evaluation for side-by-side comparison only: BatchNorm in training mode on
 unshuffled, normal-first batches of 64, running statistics left untouched. Both compute
-`scoring._score_terms`, the one definition of the scores.
+`scoring.score_terms`, the one definition of the scores.
 
 `make_scorer` builds the scorer a run's config asks for (its lambda, compute dtype and
 evaluation batch), and `evaluate` is the one evaluation of a model (calibration on the
@@ -23,13 +23,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from skipganomaly_jax import localisation, metrics
+from skipganomaly_jax.config import compute_dtype
 from skipganomaly_jax.data.batches import eval_batches
 from skipganomaly_jax.data.images import check_batch_shape, to_float
-from skipganomaly_jax.mesh import AXIS, shard_batch
-from skipganomaly_jax.models import ModelSpec
-from skipganomaly_jax.run_config import compute_dtype
-from skipganomaly_jax.scoring import _score_terms, normalise_codes
+from skipganomaly_jax.nets.models import ModelSpec
+from skipganomaly_jax.parallel import AXIS, shard_batch
+from skipganomaly_jax.scoring import localisation, metrics
+from skipganomaly_jax.scoring.scores import normalise_codes, score_terms
 
 REFERENCE_BATCH = 64  # The reference's test batch size.
 
@@ -56,7 +56,7 @@ class DatasetScorer:
     self.spec, self.lam, self.dtype = spec, lam, dtype
 
     def per_device(variables, x, keys):
-      out = _score_terms(variables, x, lam=lam, spec=spec, dtype=dtype)  # Traced once.
+      out = score_terms(variables, x, lam=lam, spec=spec, dtype=dtype)  # Traced once.
       return {k: out[k] for k in keys}
 
     self._steps = {
@@ -120,7 +120,7 @@ class DatasetScorer:
 
 @functools.partial(jax.jit, static_argnames=('spec', 'dtype'))
 def _reference_batch(variables, images, spec, lam, dtype):
-  return _score_terms(variables, images, lam, spec, train=True, dtype=dtype)['paper_score']
+  return score_terms(variables, images, lam, spec, train=True, dtype=dtype)['paper_score']
 
 
 class Interrupted(Exception):

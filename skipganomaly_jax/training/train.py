@@ -24,22 +24,16 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from skipganomaly_jax import (
-  checkpointing,
-  evaluation,
-  input_pipeline,
-  localisation,
-  metrics,
-  outputs,
-  overlays,
-  run_config,
-  training_step,
-)
-from skipganomaly_jax.mesh import make_mesh, replicate, shard_batch
-from skipganomaly_jax.metric_writer import MetricWriter
-from skipganomaly_jax.models import ModelSpec
-from skipganomaly_jax.preemption import PreemptionFlag
-from skipganomaly_jax.scoring import scoring_variables
+from skipganomaly_jax import config as config_lib
+from skipganomaly_jax.data import input_pipeline
+from skipganomaly_jax.nets.models import ModelSpec
+from skipganomaly_jax.parallel import make_mesh, replicate, shard_batch
+from skipganomaly_jax.reporting import outputs, overlays
+from skipganomaly_jax.reporting.metric_writer import MetricWriter
+from skipganomaly_jax.scoring import evaluation, localisation, metrics
+from skipganomaly_jax.scoring.scores import scoring_variables
+from skipganomaly_jax.training import checkpointing, training_step
+from skipganomaly_jax.training.preemption import PreemptionFlag
 
 
 class DivergenceError(FloatingPointError):
@@ -65,7 +59,7 @@ class TrainingContext:
 
 def setup(config, workdir: str) -> TrainingContext:
   """Loads the data, builds the mesh and the compiled step; checks the config."""
-  run_config.validate(config)
+  config_lib.validate(config)
   spec = ModelSpec.from_config(config)
   mesh = make_mesh()
   if config.batch_size % mesh.size:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from skipganomaly_jax import metrics
+from skipganomaly_jax.scoring import metrics
 
 MAX_FPR = 0.3  # MVTec AD's integration limit.
 _EIGHT_CONNECTED = np.ones((3, 3), int)

@@ -14,8 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from skipganomaly_jax import localisation
 from skipganomaly_jax.data import mvtec
+from skipganomaly_jax.scoring import localisation
 
 FILENAME = 'localisation.png'
 

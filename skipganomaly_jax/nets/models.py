@@ -13,11 +13,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from skipganomaly_jax import layers
+from skipganomaly_jax.config import ALLOWED_NC
+from skipganomaly_jax.nets import layers
 
 Dtype = Any
 
-ALLOWED_NC = (1, 3)
 BN_MOMENTUM = 0.9  # = PyTorch momentum 0.1.
 BN_EPSILON = 1e-5
 

@@ -24,48 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skipganomaly_jax import metrics, pixel_metrics
+from skipganomaly_jax.config import MAP_SCORE_KINDS
+from skipganomaly_jax.config import LocalisationSettings as Settings
 from skipganomaly_jax.data import mvtec
 from skipganomaly_jax.data.batches import eval_batches
 from skipganomaly_jax.data.images import as_model_input
-from skipganomaly_jax.models import ModelSpec
+from skipganomaly_jax.nets.models import ModelSpec
+from skipganomaly_jax.scoring import metrics, pixel_metrics
 
-MAP_SCORE_KINDS = ('map_max', 'map_topk')
-MAPS = ('rec', 'rec+d')
 CHUNK = 64  # Images per compiled call.
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """How maps and map scores are computed (config.localisation; defaults if absent)."""
-
-  map: str = 'rec'
-  d_weight: float = 1.0
-  d_levels: int = 2
-  sigma: float = 4.0
-  topk_fraction: float = 0.01
-  num_overlays: int = 4
-
-  def __post_init__(self):
-    if self.map not in MAPS:
-      raise ValueError(f'config.localisation.map must be one of {MAPS}; got {self.map!r}.')
-    if not (self.sigma >= 0 and math.isfinite(self.sigma)):
-      raise ValueError(f'config.localisation.sigma must be >= 0 pixels; got {self.sigma!r}.')
-    if not 0 < self.topk_fraction <= 1:
-      raise ValueError(
-        f'config.localisation.topk_fraction must be in (0, 1]; got {self.topk_fraction!r}.'
-      )
-    if self.map == 'rec+d' and not (self.d_levels >= 1 and self.d_weight >= 0):
-      raise ValueError(
-        "map='rec+d' needs config.localisation.d_levels >= 1 and d_weight >= 0; got "
-        f'{self.d_levels}, {self.d_weight}.'
-      )
-
-  @classmethod
-  def from_config(cls, config) -> 'Settings':
-    loc = config.get('localisation') or {}
-    names = [f.name for f in dataclasses.fields(cls)]
-    return cls(**{k: loc[k] for k in names if k in loc})
 
 
 # ----------------------------------------------------------------------------- the map
@@ -202,7 +169,7 @@ def score_images(config, params, images) -> dict[str, np.ndarray]:
   settings = Settings.from_config(config)
   scale = None
   if settings.map == 'rec+d':
-    from skipganomaly_jax import input_pipeline  # Lazy: only this path reads the dataset.
+    from skipganomaly_jax.data import input_pipeline  # Lazy: only this path reads the dataset.
 
     scale = term_scale(map_terms(params, input_pipeline.load_splits(config).val, settings.d_levels))
   maps = anomaly_maps(params, images, settings, scale)

@@ -29,10 +29,10 @@ from flax.training import train_state
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from skipganomaly_jax import losses
-from skipganomaly_jax.mesh import AXIS
-from skipganomaly_jax.models import ModelSpec, reinit_params
-from skipganomaly_jax.run_config import compute_dtype
+from skipganomaly_jax.config import compute_dtype
+from skipganomaly_jax.nets.models import ModelSpec, reinit_params
+from skipganomaly_jax.parallel import AXIS
+from skipganomaly_jax.training import losses
 
 
 class TrainState(train_state.TrainState):

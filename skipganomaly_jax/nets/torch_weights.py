@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from skipganomaly_jax.models import ModelSpec
+from skipganomaly_jax.nets.models import ModelSpec
 
 IGNORED_SUFFIX = 'num_batches_tracked'
 _BN_FIELDS = (('weight', 'params', 'scale'), ('bias', 'params', 'bias'))

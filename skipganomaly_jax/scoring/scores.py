@@ -24,7 +24,7 @@ calibration (min-max, threshold) comes from held-out normal images, never the te
 
 Public: `score_fn`, `score_maps` and `score_details` (arrays in memory), with
 `scoring_variables` and `normalise_codes` to build `params`; `evaluation.DatasetScorer`
-scores whole datasets on a device mesh with the same `_score_terms`, the one place of
+scores whole datasets on a device mesh with the same `score_terms`, the one place of
 both formulas.
 """
 
@@ -36,13 +36,12 @@ import numpy as np
 
 from skipganomaly_jax.data.batches import eval_batches
 from skipganomaly_jax.data.images import as_model_input
-from skipganomaly_jax.models import ModelSpec
+from skipganomaly_jax.nets.models import ModelSpec
 
 # lam of the paper score, 0.9 as in the paper. The one definition: the config's
 # score_lambda, the metrics notes and the score functions' defaults all read it.
 DEFAULT_LAMBDA = 0.9
 KNN_K = 5  # Neighbours averaged by the latent k-NN score; fixed a priori, never tuned.
-SCORE_KINDS = ('latent_knn', 'paper')
 MAX_CHUNK = 256  # Images per compiled call; bounds memory and the number of compilations.
 
 
@@ -57,7 +56,7 @@ def scoring_variables(g_state, d_state, knn_bank=None) -> dict:
   return variables
 
 
-def _check_knn_bank(params, spec: ModelSpec) -> None:
+def check_knn_bank(params, spec: ModelSpec) -> None:
   """Raises ValueError unless params' 'knn_bank' (if any) fits the generator's code."""
   if 'knn_bank' not in params:
     return
@@ -76,7 +75,7 @@ def normalise_codes(codes):
   return codes / jnp.maximum(jnp.linalg.norm(codes, axis=-1, keepdims=True), 1e-12)
 
 
-def _knn_distance(codes, bank, k: int = KNN_K):
+def knn_distance(codes, bank, k: int = KNN_K):
   """1 - mean cosine similarity of each code to its k most similar rows of `bank`.
 
   Args:
@@ -101,7 +100,7 @@ def _knn_distance(codes, bank, k: int = KNN_K):
   return 0.5 * jnp.mean(jnp.sum(jnp.square(differences), axis=-1), axis=-1)
 
 
-def _score_terms(
+def score_terms(
   params,
   images,
   lam,
@@ -139,7 +138,7 @@ def _score_terms(
   rec = jnp.mean(jnp.square(images - x_hat), axis=(1, 2, 3))
   lat = jnp.mean(jnp.square(f_real - f_fake), axis=1)
   paper = lam * rec + (1.0 - lam) * lat  # The paper score: its one definition.
-  score = _knn_distance(code, params['knn_bank']) if 'knn_bank' in params else paper
+  score = knn_distance(code, params['knn_bank']) if 'knn_bank' in params else paper
   out = {'score': score, 'paper_score': paper, 'rec': rec, 'lat': lat, 'code': code}
   if return_maps:
     out['reconstruction'] = x_hat
@@ -147,7 +146,7 @@ def _score_terms(
   return out
 
 
-_score_batch = jax.jit(_score_terms, static_argnames=('spec', 'return_maps', 'train', 'dtype'))
+_score_batch = jax.jit(score_terms, static_argnames=('spec', 'return_maps', 'train', 'dtype'))
 
 
 def _bucket(n: int, chunk: int) -> int:
@@ -170,10 +169,10 @@ def _check_static_flag(return_maps) -> None:
 
 
 def _empty_result(params, spec: ModelSpec, lam, return_maps: bool) -> dict:
-  """What `_score_terms` returns for zero images: arrays with 0 rows."""
+  """What `score_terms` returns for zero images: arrays with 0 rows."""
   image = jax.ShapeDtypeStruct((1, spec.isize, spec.isize, spec.nc), jnp.float32)
   shapes = jax.eval_shape(
-    functools.partial(_score_terms, spec=spec, return_maps=return_maps), params, image, lam
+    functools.partial(score_terms, spec=spec, return_maps=return_maps), params, image, lam
   )
   return {k: jnp.zeros((0, *v.shape[1:]), v.dtype) for k, v in shapes.items()}
 
@@ -210,13 +209,13 @@ def score_details(
   """
   _check_static_flag(return_maps)
   spec = ModelSpec.from_variables(params)
-  _check_knn_bank(params, spec)
+  check_knn_bank(params, spec)
   x = as_model_input(images, spec.isize, spec.nc, value_range)
   n = x.shape[0]
   if n == 0:
     return _empty_result(params, spec, lam, return_maps)
   if isinstance(x, jax.core.Tracer):  # Inside the caller's jit: one program, no padding.
-    return _score_terms(params, x, lam, spec, return_maps)
+    return score_terms(params, x, lam, spec, return_maps)
   parts = [
     _score_batch(params, batch, lam, spec, return_maps)
     for batch in eval_batches(x, _bucket(n, chunk))

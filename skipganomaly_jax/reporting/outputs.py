@@ -8,9 +8,10 @@ import os
 import numpy as np
 from PIL import Image
 
-from skipganomaly_jax import metrics, plots
 from skipganomaly_jax.data.images import to_float
-from skipganomaly_jax.scoring import KNN_K, score_details
+from skipganomaly_jax.reporting import plots
+from skipganomaly_jax.scoring import metrics
+from skipganomaly_jax.scoring.scores import KNN_K, score_details
 
 PROTOCOL_NOTE = (
   'ours: BatchNorm in eval mode (running statistics), model of the last epoch, '

@@ -5,13 +5,20 @@ back), so that a typo fails at once with the allowed values instead of silently 
 the default.
 """
 
+import dataclasses
+import math
+
 import jax.numpy as jnp
 import ml_collections
 
-from skipganomaly_jax import localisation
-from skipganomaly_jax.data.device_batches import DEVICE_DATA_SETTINGS
-from skipganomaly_jax.data.splits import PROTOCOLS as DATASET_PROTOCOLS
-from skipganomaly_jax.scoring import SCORE_KINDS
+# Image scores computed from the networks' outputs and codes (scoring/scores.py).
+SCORE_KINDS = ('latent_knn', 'paper')
+# Image scores computed from the anomaly map (scoring/localisation.py).
+MAP_SCORE_KINDS = ('map_max', 'map_topk')
+MAPS = ('rec', 'rec+d')
+DATASET_PROTOCOLS = ('one_class', 'ganomaly')
+DEVICE_DATA_SETTINGS = ('auto', 'on', 'off')
+ALLOWED_NC = (1, 3)
 
 # 'ours': eval-mode BatchNorm only; 'reference': also the reference code's test AUROC.
 EVAL_PROTOCOLS = ('ours', 'reference')
@@ -21,10 +28,43 @@ CHECKPOINT_NAMES = ('latest', 'best')
 RENAMED_FIELDS = {'protocol': 'eval_protocol'}
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalisationSettings:
+  """How maps and map scores are computed (config.localisation; defaults if absent)."""
+
+  map: str = 'rec'
+  d_weight: float = 1.0
+  d_levels: int = 2
+  sigma: float = 4.0
+  topk_fraction: float = 0.01
+  num_overlays: int = 4
+
+  def __post_init__(self):
+    if self.map not in MAPS:
+      raise ValueError(f'config.localisation.map must be one of {MAPS}; got {self.map!r}.')
+    if not (self.sigma >= 0 and math.isfinite(self.sigma)):
+      raise ValueError(f'config.localisation.sigma must be >= 0 pixels; got {self.sigma!r}.')
+    if not 0 < self.topk_fraction <= 1:
+      raise ValueError(
+        f'config.localisation.topk_fraction must be in (0, 1]; got {self.topk_fraction!r}.'
+      )
+    if self.map == 'rec+d' and not (self.d_levels >= 1 and self.d_weight >= 0):
+      raise ValueError(
+        "map='rec+d' needs config.localisation.d_levels >= 1 and d_weight >= 0; got "
+        f'{self.d_levels}, {self.d_weight}.'
+      )
+
+  @classmethod
+  def from_config(cls, config) -> 'LocalisationSettings':
+    loc = config.get('localisation') or {}
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{k: loc[k] for k in names if k in loc})
+
+
 def _enumerated(config) -> dict:
   """The enumerated fields of a config: dotted name -> (value, allowed values)."""
   return {
-    'score_kind': (config.score_kind, SCORE_KINDS + localisation.MAP_SCORE_KINDS),
+    'score_kind': (config.score_kind, SCORE_KINDS + MAP_SCORE_KINDS),
     'eval_protocol': (config.eval_protocol, EVAL_PROTOCOLS),
     'dtype': (config.dtype, DTYPES),
     'dataset.protocol': (config.dataset.protocol, DATASET_PROTOCOLS),
@@ -41,7 +81,7 @@ def validate(config) -> None:
         f'config.{name} must be one of {allowed}; got {value!r} '
         f'(set --config.{name}={allowed[0]}, for example).'
       )
-  localisation.Settings.from_config(config)  # config.localisation's fields, if any.
+  LocalisationSettings.from_config(config)  # config.localisation's fields, if any.
 
 
 def compute_dtype(config):

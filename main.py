@@ -89,6 +89,10 @@ def main(argv):
   if FLAGS.mode == 'train':
     if FLAGS.config is None:
       raise app.UsageError('--config is required for training.')
+    try:  # Every field, before anything runs: a bad one is named, not traced.
+      config_lib.validate(FLAGS.config, jax.device_count())
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
     report = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if report and jax.process_index() == 0:
       print(

@@ -36,6 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import default  # noqa: E402
+from skipganomaly_jax import config as config_lib  # noqa: E402
 from skipganomaly_jax import parallel as mesh_lib  # noqa: E402
 from skipganomaly_jax.data import input_pipeline  # noqa: E402
 from skipganomaly_jax.training import training_step  # noqa: E402
@@ -84,8 +85,9 @@ def make_config(dtype: str, batch: int, smoke: bool):
 def bench_batch(config, mesh, iters: int, rng) -> dict:
   """Compile time, FLOPs and images/s of the train step at config.batch_size."""
   batch = config.batch_size
-  step = training_step.make_parallel_train_step(config, mesh)
-  states = mesh_lib.replicate(training_step.create_train_states(config, jax.random.key(0)), mesh)
+  spec = training_step.StepSpec.from_specs(config_lib.specs(config))
+  step = training_step.make_parallel_train_step(spec, mesh)
+  states = mesh_lib.replicate(training_step.create_train_states(spec, jax.random.key(0)), mesh)
   shape = (batch, config.isize, config.isize, config.nc)
   pool = [
     mesh_lib.shard_batch(rng.uniform(-1, 1, shape).astype(np.float32), mesh) for _ in range(2)
@@ -120,8 +122,9 @@ def full_run(config, mesh, images: int, epochs: int, rng) -> dict:
   data = rng.integers(0, 256, (images, config.isize, config.isize, config.nc), dtype=np.uint8)
   start = time.perf_counter()
   iterator = input_pipeline.DeviceTrainIterator(data, config.batch_size, config.seed, mesh)
-  step = training_step.make_parallel_train_step(config, mesh)
-  g, d = mesh_lib.replicate(training_step.create_train_states(config, jax.random.key(0)), mesh)
+  spec = training_step.StepSpec.from_specs(config_lib.specs(config))
+  step = training_step.make_parallel_train_step(spec, mesh)
+  g, d = mesh_lib.replicate(training_step.create_train_states(spec, jax.random.key(0)), mesh)
   key, steps = jax.random.key(config.seed), epochs * iterator.steps_per_epoch
   for i in range(steps):
     g, d, m = step(g, d, next(iterator), jax.random.fold_in(key, i))

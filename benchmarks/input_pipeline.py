@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from skipganomaly_jax.config import DataSpec
 from skipganomaly_jax.data import input_pipeline as ip
 from skipganomaly_jax.data import sources
 
@@ -34,23 +35,11 @@ _KINDS = (
 )
 
 
-def _config(isize: int, nc: int, batch_size: int = 64, **dataset):
-  import ml_collections
-
-  config = ml_collections.ConfigDict({'isize': isize, 'nc': nc, 'batch_size': batch_size})
-  config.dataset = ml_collections.ConfigDict(
-    {
-      'name': '',
-      'data_dir': '',
-      'root': '',
-      'abnormal_class': '0',
-      'protocol': 'one_class',
-      'seed': 0,
-      'val_fraction': 0.05,
-    }  # fmt: skip
+def _config(isize: int, nc: int, batch_size: int = 64, **dataset) -> DataSpec:
+  """The data spec of one source: one_class protocol, digit 0 abnormal, 5% validation."""
+  return DataSpec(
+    isize=isize, nc=nc, batch_size=batch_size, abnormal_class='0', protocol='one_class', **dataset
   )
-  config.dataset.update(dataset)
-  return config
 
 
 def _best(fn, repeats: int) -> float:

@@ -78,9 +78,9 @@ def run_texture(args, texture: str) -> dict:
   start = time.perf_counter()
   report = train.train_and_evaluate(config, workdir)
   seconds = time.perf_counter() - start
-  params, config, _ = api.load(workdir)
-  splits = input_pipeline.load_splits(config)
-  rows = variants(params, splits, mvtec.defect_kinds(splits))
+  model = api.restore(workdir)
+  splits = input_pipeline.load_splits(model.specs.data)
+  rows = variants(model.params, splits, mvtec.defect_kinds(splits))
   print(f'{texture}: trained + evaluated in {seconds:.0f} s; run report: {_brief(report)}')
   return {'texture': texture, 'train_eval_seconds': seconds, 'report': report, 'variants': rows}
 

@@ -33,6 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import default  # noqa: E402
+from skipganomaly_jax import config as config_lib  # noqa: E402
 from skipganomaly_jax import parallel as mesh_lib  # noqa: E402
 from skipganomaly_jax.training import training_step  # noqa: E402
 
@@ -101,10 +102,9 @@ def main() -> None:
   config = default.get_config()
   config.nc, config.batch_size = args.nc, args.batch
   mesh = mesh_lib.make_mesh()
-  step = training_step.make_parallel_train_step(config, mesh)
-  state = list(
-    mesh_lib.replicate(training_step.create_train_states(config, jax.random.key(0)), mesh)
-  )
+  spec = training_step.StepSpec.from_specs(config_lib.specs(config, devices=mesh.size))
+  step = training_step.make_parallel_train_step(spec, mesh)
+  state = list(mesh_lib.replicate(training_step.create_train_states(spec, jax.random.key(0)), mesh))
   x = np.random.default_rng(0).uniform(-1, 1, (args.batch, 32, 32, args.nc)).astype(np.float32)
   batch = mesh_lib.shard_batch(x, mesh)
   compiled = step.lower(*state, batch, jax.random.key(0)).compile()

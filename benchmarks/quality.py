@@ -123,10 +123,11 @@ def run_cell(config, workdir: pathlib.Path) -> dict:
 
 def shuffled_reference_auroc(workdir: pathlib.Path, seeds=(0, 1, 2)) -> float:
   """Mean AUROC of the reference's train-mode-BN scoring on shuffled test batches."""
-  params, config, _ = api.load(str(workdir))
+  model = api.restore(str(workdir))
+  params, score = model.params, model.specs.score
   spec = ModelSpec.from_variables(params)
-  splits = input_pipeline.load_splits(config)
-  scorer = evaluation.DatasetScorer(spec, make_mesh(), config.eval_batch_size, config.score_lambda)
+  splits = input_pipeline.load_splits(model.specs.data)
+  scorer = evaluation.DatasetScorer(spec, make_mesh(), score.eval_batch_size, score.lam)
   aurocs = []
   for seed in seeds:
     perm = np.random.default_rng(seed).permutation(len(splits.test))
@@ -152,8 +153,8 @@ def fill_score_columns(cell: dict, workdir: pathlib.Path) -> None:
     cell.setdefault('knn_last_auroc', cell['ours_last_auroc'])
   if 'knn_last_auroc' in cell and 'pixel_knn_auroc' in cell or not workdir.exists():
     return
-  params, config, _ = api.load(str(workdir))
-  splits = input_pipeline.load_splits(config)
+  model = api.restore(str(workdir))
+  params, splits = model.params, input_pipeline.load_splits(model.specs.data)
   if 'knn_last_auroc' not in cell:
     no_bank = {k: v for k, v in params.items() if k != 'knn_bank'}
     bank = scores.normalise_codes(scores.score_details(no_bank, splits.train)['code'])

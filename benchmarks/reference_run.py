@@ -53,6 +53,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import build_config  # noqa: E402
+from skipganomaly_jax import config as config_lib  # noqa: E402
 from skipganomaly_jax.data import input_pipeline  # noqa: E402
 
 
@@ -186,7 +187,7 @@ def run_class(args, cls: str, torch, Options, Patched, results: dict, out: pathl
   config = build_config(args.config, args.set, cls, args.seed)
   if args.dataset_path:
     config.dataset.path = args.dataset_path
-  splits = input_pipeline.load_splits(config)
+  splits = input_pipeline.load_splits(config_lib.specs(config).data)
   workdir = pathlib.Path(args.runs) / cls
   workdir.mkdir(parents=True, exist_ok=True)
   model = build_model(args, torch, Options, Patched, splits, str(workdir / 'output'))

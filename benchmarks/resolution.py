@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 from configs import default  # noqa: E402
 from configs import textures as textures_config  # noqa: E402
-from skipganomaly_jax import train_step as ts  # noqa: E402
+from skipganomaly_jax import config as config_lib  # noqa: E402
+from skipganomaly_jax import parallel as mesh_lib  # noqa: E402
 from skipganomaly_jax.data import textures  # noqa: E402
-from skipganomaly_jax.nets.models import ModelSpec  # noqa: E402
 from skipganomaly_jax.scoring import scores  # noqa: E402
-from skipganomaly_jax.training import train  # noqa: E402
+from skipganomaly_jax.training import train, training_step  # noqa: E402
 
 GIB = 2**30
 BUDGET = 24 * GIB
@@ -79,11 +79,12 @@ def child(isize: int, batch: int, iters: int) -> dict:
   config = default.get_config()
   config.isize, config.nc, config.batch_size = isize, 3, batch
   rng = np.random.default_rng(0)
-  mesh = ts.make_mesh()
-  step = ts.make_parallel_train_step(config, mesh)
-  g, d = ts.replicate(ts.create_train_states(config, jax.random.key(0)), mesh)
+  mesh = mesh_lib.make_mesh()
+  step_spec = training_step.StepSpec.from_specs(config_lib.specs(config, devices=mesh.size))
+  step = training_step.make_parallel_train_step(step_spec, mesh)
+  g, d = mesh_lib.replicate(training_step.create_train_states(step_spec, jax.random.key(0)), mesh)
   shape = (batch, isize, isize, 3)
-  x = ts.shard_batch(rng.uniform(-1, 1, shape).astype(np.float32), mesh)
+  x = mesh_lib.shard_batch(rng.uniform(-1, 1, shape).astype(np.float32), mesh)
   t = time.perf_counter()
   compiled = step.lower(g, d, x, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - t
@@ -95,7 +96,7 @@ def child(isize: int, batch: int, iters: int) -> dict:
     return m
 
   train_s = _median_seconds(train_call, iters)
-  spec = ModelSpec.from_config(config)
+  spec = step_spec.model
   params = scores.scoring_variables(*state)
   score = jax.jit(lambda p, v: scores.score_terms(p, v, scores.DEFAULT_LAMBDA, spec)['score'])
   xs = jnp.asarray(rng.uniform(-1, 1, (2 * batch, isize, isize, 3)).astype(np.float32))

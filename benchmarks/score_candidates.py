@@ -186,9 +186,9 @@ def candidate_scores(variables, splits) -> dict:
 
 def evaluate_workdir(workdir: pathlib.Path) -> dict:
   """AUROC of every candidate for one run's final checkpoint."""
-  params, config, _ = trained_run.load(str(workdir))
-  params = {k: v for k, v in params.items() if k != 'knn_bank'}
-  splits = input_pipeline.load_splits(config)
+  model = trained_run.restore(str(workdir))
+  params = {k: v for k, v in model.params.items() if k != 'knn_bank'}
+  splits = input_pipeline.load_splits(model.specs.data)
   scores = candidate_scores(params, splits)
   # Self-check against the package's own scorer: the intermediates read here must give
   # its paper score and its latent k-NN score.

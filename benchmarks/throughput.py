@@ -31,9 +31,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import default  # noqa: E402
+from skipganomaly_jax import config as config_lib  # noqa: E402
 from skipganomaly_jax import parallel as mesh_lib  # noqa: E402
 from skipganomaly_jax.data import input_pipeline  # noqa: E402
-from skipganomaly_jax.nets.models import ModelSpec  # noqa: E402
 from skipganomaly_jax.scoring import scores
 from skipganomaly_jax.training import training_step
 
@@ -86,10 +86,9 @@ def bench_train(config, batch: int, iters: int, rng) -> dict:
   """Train-step images/s, compile time and FLOPs at one global batch size."""
   config.batch_size = batch
   mesh = mesh_lib.make_mesh()
-  step = training_step.make_parallel_train_step(config, mesh)
-  state = list(
-    mesh_lib.replicate(training_step.create_train_states(config, jax.random.key(0)), mesh)
-  )
+  spec = training_step.StepSpec.from_specs(config_lib.specs(config, devices=mesh.size))
+  step = training_step.make_parallel_train_step(spec, mesh)
+  state = list(mesh_lib.replicate(training_step.create_train_states(spec, jax.random.key(0)), mesh))
   shape = (batch, config.isize, config.isize, config.nc)
   fresh = lambda: mesh_lib.shard_batch(rng.uniform(-1, 1, shape).astype(np.float32), mesh)
   compile_s, flops = compile_and_flops(step, *state, fresh(), jax.random.key(0))
@@ -106,10 +105,11 @@ def bench_train(config, batch: int, iters: int, rng) -> dict:
 
 def bench_score(config, batch: int, iters: int, rng) -> dict:
   """score_fn images/s (its compiled batch function), compile time and FLOPs."""
-  spec = ModelSpec.from_config(config)
-  g, d = training_step.create_train_states(config, jax.random.key(0))
+  step_spec = training_step.StepSpec.from_specs(config_lib.specs(config))
+  spec = step_spec.model
+  g, d = training_step.create_train_states(step_spec, jax.random.key(0))
   params = scores.scoring_variables(g, d)
-  dtype = training_step.compute_dtype(config)
+  dtype = config_lib.compute_dtype(step_spec.dtype)
   lam = scores.DEFAULT_LAMBDA
   fn = jax.jit(lambda p, x: scores.score_terms(p, x, lam, spec, dtype=dtype)['score'])
   shape = (batch, config.isize, config.isize, config.nc)
@@ -123,7 +123,7 @@ def bench_input(batch: int) -> float:
   """Images/s of the training iterator on the offline digits (uint8 -> float batches)."""
   config = default.get_config()
   config.dataset.name, config.dataset.abnormal_class, config.nc = 'mnist_offline', '0', 1
-  splits = input_pipeline.load_splits(config)
+  splits = input_pipeline.load_splits(config_lib.specs(config).data)
   it = input_pipeline.TrainIterator(splits.train, batch, 0)
   n = 3 * it.steps_per_epoch
   t = time.perf_counter()

@@ -147,6 +147,7 @@ class Ours:
     import jax  # noqa: PLC0415
 
     from configs import default  # noqa: PLC0415
+    from skipganomaly_jax import config as config_lib  # noqa: PLC0415
     from skipganomaly_jax import parallel as mesh_lib  # noqa: PLC0415
     from skipganomaly_jax.scoring import scores  # noqa: PLC0415
     from skipganomaly_jax.training import training_step  # noqa: PLC0415
@@ -155,8 +156,9 @@ class Ours:
     config = default.get_config()
     config.nc, config.batch_size, config.dtype = nc, 64, 'float32'
     self.mesh = mesh_lib.make_mesh(jax.devices()[:1])
-    self.step = training_step.make_parallel_train_step(config, self.mesh)
-    states = training_step.create_train_states(config, jax.random.key(0))
+    spec = training_step.StepSpec.from_specs(config_lib.specs(config))
+    self.step = training_step.make_parallel_train_step(spec, self.mesh)
+    states = training_step.create_train_states(spec, jax.random.key(0))
     self.state = list(mesh_lib.replicate(states, self.mesh))
     # Copies: replicating onto the one device may alias the buffers the step donates.
     self.params = jax.tree.map(lambda a: a.copy(), scores.scoring_variables(*states))

@@ -1,12 +1,12 @@
 """Skip-GANomaly in JAX/Flax: GAN-based image anomaly detection.
 
 Public API:
-  load(workdir): (params, config, calibration) of a trained run (see trained_run.py).
+  load(workdir): (params, config, calibration) of a trained run (see deploy/trained_run.py).
   score_fn(params, images): anomaly scores; score_maps: scores and per-pixel maps;
-    score_details: both scores, their terms, codes and maps (see scoring.py).
-  DatasetScorer: scores whole datasets data-parallel on a device mesh (evaluation.py).
+    score_details: both scores, their terms, codes and maps (see scoring/scores.py).
+  DatasetScorer: scores whole datasets data-parallel on a device mesh (scoring/evaluation.py).
   scoring_variables(g_state, d_state, knn_bank): `params` from training states.
-  ModelSpec, Generator, Discriminator: the networks (models.py).
+  ModelSpec, Generator, Discriminator: the networks (nets/models.py).
 """
 
 from skipganomaly_jax.nets.models import Discriminator, Generator, ModelSpec

@@ -6,9 +6,12 @@ environment) compiles each program once, and XLA's CPU backend optimisation leve
 compiles about 3x faster; it changes code generation, not the computation.
 """
 
+import dataclasses
 import importlib.util
 import os
 import pathlib
+import subprocess
+import sys
 import tempfile
 import zlib
 
@@ -109,3 +112,140 @@ def progress_bars(monkeypatch):
 
   monkeypatch.setattr(train.tqdm, 'tqdm', Recorded)
   return bars
+
+
+# ------------------------------------------------------------------------------ shared runs
+# The few small training runs that many tests use are trained once per session (below),
+# on DIGITS: 500 of the offline MNIST digits (50 of each, seeded) in an .npz read by the
+# 'arrays' source, with GANomaly's protocol and digit 0 abnormal as in configs/demo.py.
+# The tests about the 5,000 digits themselves (test_input_pipeline.py) read them all.
+# Splits: 450 normals -> 360 train (18 of them validation) + 90 normal test; 50 zeros.
+
+DIGITS_PER_CLASS = 50
+DIGIT_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
+DIGITS_TRAIN, DIGITS_VAL, DIGITS_TEST_NORMAL, DIGITS_TEST_ABNORMAL = 342, 18, 90, 50
+
+# The command-line run (`cli_run`): EPOCHS of STEPS steps of batches of 16 (21 per epoch,
+# so the preemption tests can stop one mid-epoch), metrics logged every step, evaluation
+# in batches of 64 (the last one padded).
+CLI_EPOCHS, CLI_STEPS = 2, 20
+
+
+@pytest.fixture(scope='session')
+def digits_npz(tmp_path_factory) -> str:
+  """Path of the DIGITS .npz: images (500, 32, 32, 1) uint8 (the offline digits as the
+  'mnist_offline' source makes them), labels, class_names 'zero'..'nine'."""
+  from skipganomaly_jax.data import sources  # noqa: PLC0415
+
+  pool = sources.mnist_offline_pool(32, 1, seed=0)
+  rng = np.random.default_rng(0)
+  keep = np.sort(
+    np.concatenate(
+      [
+        rng.choice(np.flatnonzero(pool.labels == c), DIGITS_PER_CLASS, replace=False)
+        for c in range(10)
+      ]
+    )
+  )
+  path = tmp_path_factory.mktemp('digits') / 'digits.npz'
+  np.savez(
+    path, images=pool.images[keep], labels=pool.labels[keep], class_names=np.array(DIGIT_NAMES)
+  )
+  return str(path)
+
+
+def digits_config(npz: str, name: str = 'demo'):
+  """configs/<name>.py with the tiny model, reading DIGITS from `npz` (the `digits_npz`)."""
+  config = tiny(load_config(name))
+  config.dataset.name, config.dataset.path = 'arrays', npz
+  return config
+
+
+def main_cmd(workdir, *flags, config: str = 'configs/demo.py') -> list[str]:
+  """The command line of main.py (run with cwd=ROOT)."""
+  return [
+    sys.executable,
+    str(ROOT / 'main.py'),
+    f'--config={config}',
+    f'--workdir={workdir}',
+    *flags,
+  ]
+
+
+def main_in_process(*args):
+  """Runs main.py's `main` in this process on the command line `args` (absl flags and
+  config overrides parsed as main.py's `app.run` parses them), for the checks that need no
+  process of their own. Flag errors raise `absl.flags.Error`, usage errors
+  `absl.app.UsageError`; returns what `main` returns."""
+  from absl import flags  # noqa: PLC0415
+  from absl import logging as absl_logging  # noqa: PLC0415
+
+  import main  # noqa: PLC0415  (ROOT/main.py: defines its flags once per process)
+
+  argv = [str(ROOT / 'main.py'), *map(str, args)]
+  saved_argv, handler = sys.argv, absl_logging.get_absl_handler()
+  saved_filters = list(handler.filters)
+  sys.argv = argv  # The config flag reads its --config.* overrides from sys.argv.
+  try:
+    return main.main(flags.FLAGS(argv))
+  finally:
+    sys.argv = saved_argv
+    flags.FLAGS.unparse_flags()
+    handler.filters[:] = saved_filters  # main() filters the libraries' logs out.
+
+
+@dataclasses.dataclass(frozen=True)
+class CliRun:
+  """A run trained through main.py: its workdir, the training flags (the same command
+  resumes or repeats it) and the training's stderr."""
+
+  workdir: pathlib.Path
+  flags: tuple[str, ...]
+  stderr: str
+
+
+@pytest.fixture(scope='session')
+def cli_run(tmp_path_factory, digits_npz) -> CliRun:
+  """The tiny paper-score run trained through `python main.py` (CLI_EPOCHS x CLI_STEPS)
+  on DIGITS: test_main.py's outputs, kill -9 and modes, test_preemption.py's
+  uninterrupted run, test_export.py's paper-score detector."""
+  flags = tuple(f'--config.{k}={v}' for k, v in TINY.items()) + (
+    '--config.dataset.name=arrays',
+    f'--config.dataset.path={digits_npz}',
+    f'--config.num_epochs={CLI_EPOCHS}',
+    f'--config.max_steps_per_epoch={CLI_STEPS}',
+    '--config.batch_size=16',
+    '--config.log_every_steps=1',
+    '--config.eval_batch_size=64',
+  )
+  workdir = tmp_path_factory.mktemp('cli_run')
+  proc = subprocess.run(
+    main_cmd(workdir, *flags), cwd=ROOT, capture_output=True, text=True, timeout=900
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'AUROC' in proc.stdout and str(workdir) in proc.stdout
+  return CliRun(workdir, flags, proc.stderr)
+
+
+@dataclasses.dataclass(frozen=True)
+class InProcessRun:
+  """A run trained by `train.train_and_evaluate` in this process."""
+
+  workdir: pathlib.Path
+  config: object
+  report: dict
+
+
+@pytest.fixture(scope='session')
+def knn_run(tmp_path_factory, digits_npz) -> InProcessRun:
+  """The tiny latent k-NN run (1 epoch of 2 steps) on DIGITS, trained in process:
+  test_main.py's stored bank, test_export.py's latent k-NN detector, test_arrays_source.py's
+  end-to-end run of the arrays source."""
+  from skipganomaly_jax.training import train  # noqa: PLC0415
+
+  config = digits_config(digits_npz)
+  config.score_kind = 'latent_knn'
+  config.num_epochs, config.max_steps_per_epoch = 1, 2
+  workdir = tmp_path_factory.mktemp('knn_run')
+  report = train.train_and_evaluate(config, str(workdir))
+  return InProcessRun(workdir, config, report)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import optax
 
+from skipganomaly_jax import config as config_lib
 from skipganomaly_jax import parallel as mesh_lib
 from skipganomaly_jax.training import training_step
 
@@ -43,12 +44,12 @@ def compare(one, many, init) -> dict:
   }
 
 
-def run(config, tx, batches, seed):
+def run(spec, tx, batches, seed):
   """Steps 1 and 3 on one device (plain jit) and on the mesh (shard_map)."""
-  init = training_step.create_train_states(config, jax.random.key(seed), tx=tx)
-  single = jax.jit(lambda g, d, x, k: training_step.train_step(g, d, x, k, config=config))
+  init = training_step.create_train_states(spec, jax.random.key(seed), tx=tx)
+  single = jax.jit(lambda g, d, x, k: training_step.train_step(g, d, x, k, spec=spec))
   mesh = mesh_lib.make_mesh()
-  parallel = training_step.make_parallel_train_step(config, mesh)
+  parallel = training_step.make_parallel_train_step(spec, mesh)
   # replicate() may reuse init's buffers, which the donating parallel step then deletes.
   one, many = init, mesh_lib.replicate(init, mesh)
   init = jax.device_get(init)
@@ -74,8 +75,9 @@ def main(global_batch: int, seed: int) -> None:
   # SGD's lr is kept small: with 0.05, GAN dynamics amplified float32 noise to 6e-5 by
   # step 3 on some seeds; at 0.01 the params still move ~3e-3 per step, so a gradient
   # summed over the 8 devices would show as a ~2e-2 error.
-  for name, tx in (('sgd', optax.sgd(0.01)), ('adam', training_step.make_optimizer(config))):
-    for step, errors in run(config, tx, batches, seed).items():
+  spec = training_step.StepSpec.from_specs(config_lib.specs(config))
+  for name, tx in (('sgd', optax.sgd(0.01)), ('adam', training_step.make_optimizer(spec.optim))):
+    for step, errors in run(spec, tx, batches, seed).items():
       report[f'{name}_{step}'] = errors
   print(json.dumps(report))
 

@@ -1,15 +1,16 @@
 """The 'arrays' dataset source: an .npz of images and labels through both protocols, bad
-files, and a tiny end-to-end training run. Every array is made here (seeded)."""
+files, and a tiny end-to-end training run. Every array is made here (seeded); the training
+run is the session's `knn_run` (conftest.py), whose digits come from an .npz."""
 
 import json
 
 import numpy as np
 import pytest
-from conftest import load_config, tiny
+from conftest import DIGITS_TEST_ABNORMAL, DIGITS_TEST_NORMAL, load_config
 from PIL import Image
 
+from skipganomaly_jax import config as config_lib
 from skipganomaly_jax.data import input_pipeline as ip
-from skipganomaly_jax.training import train
 
 NAMES = np.array(['cat', 'dog', 'ship'])
 
@@ -45,10 +46,15 @@ def config_for(path, batch_size=8, isize=32, nc=3, **dataset):
   return config
 
 
+def load_splits(config):
+  """`input_pipeline.load_splits` of a config's checked data spec (as a run loads it)."""
+  return ip.load_splits(config_lib.specs(config).data)
+
+
 def test_ganomaly_protocol_pools_normals_80_20(tmp_path):
   arrays = make_arrays()
   path = save(tmp_path, **arrays)
-  s = ip.load_splits(config_for(path, abnormal_class='dog', seed=3, val_fraction=0.1))
+  s = load_splits(config_for(path, abnormal_class='dog', seed=3, val_fraction=0.1))
   labels = arrays['labels']
   normal, abnormal = np.flatnonzero(labels != 1), np.flatnonzero(labels == 1)
   train, val = ids(s.train), ids(s.val)
@@ -60,16 +66,16 @@ def test_ganomaly_protocol_pools_normals_80_20(tmp_path):
   np.testing.assert_array_equal(s.test_labels, np.repeat([0, 1], [8, 20]))
   assert s.abnormal_name == 'dog' and s.train.dtype == np.uint8
   np.testing.assert_array_equal(s.train, arrays['images'][train])  # Pixels untouched.
-  again = ip.load_splits(config_for(path, abnormal_class='1', seed=3, val_fraction=0.1))
+  again = load_splits(config_for(path, abnormal_class='1', seed=3, val_fraction=0.1))
   np.testing.assert_array_equal(again.test, s.test)  # Index '1' = name 'dog'; seeded.
-  other = ip.load_splits(config_for(path, abnormal_class='dog', seed=4, val_fraction=0.1))
+  other = load_splits(config_for(path, abnormal_class='dog', seed=4, val_fraction=0.1))
   assert set(ids(other.test[:8])) != set(test_normal)
 
 
 def test_one_class_protocol_uses_the_files_split(tmp_path):
   arrays = make_arrays(is_test=True)
   path = save(tmp_path, **arrays)
-  s = ip.load_splits(config_for(path, abnormal_class='cat', protocol='one_class'))
+  s = load_splits(config_for(path, abnormal_class='cat', protocol='one_class'))
   labels, is_test = arrays['labels'], arrays['is_test']
   normal = labels != 0
   train_ids = np.concatenate([ids(s.train), ids(s.val)])
@@ -88,15 +94,15 @@ def test_one_class_protocol_uses_the_files_split(tmp_path):
 def test_one_class_without_is_test_is_an_error(tmp_path):
   path = save(tmp_path, **make_arrays())
   with pytest.raises(ValueError, match=r'(?s)no.*is_test.*protocol=ganomaly'):
-    ip.load_splits(config_for(path, protocol='one_class', abnormal_class='cat'))
+    load_splits(config_for(path, protocol='one_class', abnormal_class='cat'))
 
 
 def test_resize_and_grayscale_match_pil(tmp_path):
-  arrays = make_arrays(size=40)
+  arrays = make_arrays(size=64)
   path = save(tmp_path, **arrays)
-  s = ip.load_splits(config_for(path, abnormal_class='ship', nc=1, val_fraction=0.0))
-  # Resizing loses the ids: the same split loaded at 40x40 RGB gives the rows, in order.
-  plain = ip.load_splits(config_for(path, abnormal_class='ship', val_fraction=0.0, isize=40))
+  s = load_splits(config_for(path, abnormal_class='ship', nc=1))
+  # Resizing loses the ids: the same split loaded at 64x64 RGB gives the rows, in order.
+  plain = load_splits(config_for(path, abnormal_class='ship', isize=64))
   rows = ids(plain.train)
   want = np.stack(
     [
@@ -111,7 +117,7 @@ def test_resize_and_grayscale_match_pil(tmp_path):
 def test_class_names_default_to_indices(tmp_path):
   arrays = make_arrays()
   del arrays['class_names']
-  s = ip.load_splits(config_for(save(tmp_path, **arrays), abnormal_class='2'))
+  s = load_splits(config_for(save(tmp_path, **arrays), abnormal_class='2'))
   assert s.abnormal_name == '2' and s.test_labels.sum() == 10
 
 
@@ -133,43 +139,43 @@ def test_bad_files_are_named(tmp_path, change, match):
   change(arrays)
   np.savez(tmp_path / 'bad.npz', **arrays)
   with pytest.raises(ValueError, match=match) as info:
-    ip.load_splits(config_for(str(tmp_path / 'bad.npz'), abnormal_class='cat'))
+    load_splits(config_for(str(tmp_path / 'bad.npz'), abnormal_class='cat'))
   assert 'bad.npz' in str(info.value)
 
 
 def test_bad_paths_and_classes(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'nothing\.npz.*dataset\.path'):
-    ip.load_splits(config_for(str(tmp_path / 'nothing.npz')))
+    load_splits(config_for(str(tmp_path / 'nothing.npz')))
   with pytest.raises(FileNotFoundError, match='dataset.path'):
-    ip.load_splits(config_for(''))
+    load_splits(config_for(''))
   (tmp_path / 'junk.npz').write_bytes(b'not a zip')
   with pytest.raises(ValueError, match=r'junk\.npz.*not an \.npz'):
-    ip.load_splits(config_for(str(tmp_path / 'junk.npz'), abnormal_class='cat'))
+    load_splits(config_for(str(tmp_path / 'junk.npz'), abnormal_class='cat'))
   path = save(tmp_path, **make_arrays())
   with pytest.raises(ValueError, match=r"no class 'horse'.*0='cat'"):
-    ip.load_splits(config_for(path, abnormal_class='horse'))
+    load_splits(config_for(path, abnormal_class='horse'))
   absent = make_arrays()
   absent['class_names'] = np.array(['cat', 'dog', 'ship', 'frog'])
   with pytest.raises(ValueError, match=r"no image of the abnormal class 'frog'"):
-    ip.load_splits(config_for(save(tmp_path, 'absent.npz', **absent), abnormal_class='frog'))
+    load_splits(config_for(save(tmp_path, 'absent.npz', **absent), abnormal_class='frog'))
   only = make_arrays(n_per_class=(12,))
   with pytest.raises(ValueError, match='No normal training images'):
-    ip.load_splits(config_for(save(tmp_path, 'one.npz', **only), abnormal_class='cat'))
+    load_splits(config_for(save(tmp_path, 'one.npz', **only), abnormal_class='cat'))
   split = make_arrays(is_test=True)
   split['is_test'][:] = True
   with pytest.raises(ValueError, match='No normal training images'):
-    ip.load_splits(
+    load_splits(
       config_for(save(tmp_path, 's.npz', **split), abnormal_class='cat', protocol='one_class')
     )
 
 
-def test_tiny_training_run_on_arrays(tmp_path):
-  path = save(tmp_path, **make_arrays())
-  config = tiny(config_for(path, abnormal_class='ship'))
-  config.num_epochs, config.max_steps_per_epoch, config.eval_batch_size = 1, 2, 64
-  report = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  # 50 normals -> 40 train (2 validation) + 10 normal test; 10 ships abnormal.
-  assert (report['num_normal'], report['num_abnormal'], report['step']) == (10, 10, 2)
+def test_tiny_training_run_on_arrays(knn_run):
+  # 1 epoch of 2 steps on 50 digits of each class, class_names 'zero'..'nine', digit 0
+  # abnormal: 450 normals -> 360 train (18 validation) + 90 normal test; 50 zeros abnormal.
+  report = knn_run.report
+  assert knn_run.config.dataset.name == 'arrays'
+  expected = (DIGITS_TEST_NORMAL, DIGITS_TEST_ABNORMAL, 2)
+  assert (report['num_normal'], report['num_abnormal'], report['step']) == expected
   assert 0.0 <= report['auroc'] <= 1.0
-  saved = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
-  assert saved['abnormal_class'] == 'ship'
+  saved = json.loads((knn_run.workdir / 'metrics.json').read_text())
+  assert saved['abnormal_class'] == 'zero'  # Index '0', named by the file's class_names.

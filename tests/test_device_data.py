@@ -71,12 +71,13 @@ def test_same_params_after_steps_as_host_batches(rng):
   config.nc, config.batch_size = 1, 8
   images = rng.integers(0, 256, (20, 32, 32, 1), dtype=np.uint8)  # 2 steps per epoch.
   mesh = mesh_lib.make_mesh()
-  step = training_step.make_parallel_train_step(config, mesh)
+  spec = training_step.StepSpec.from_specs(config_lib.specs(config))
+  step = training_step.make_parallel_train_step(spec, mesh)
   results = []
   for device_data in ('off', 'on'):
     iterator = ip.train_iterator(images, 8, config.seed, mesh, device_data)
     assert isinstance(iterator, ip.DeviceTrainIterator) == (device_data == 'on')
-    g, d = mesh_lib.replicate(training_step.create_train_states(config, jax.random.key(0)), mesh)
+    g, d = mesh_lib.replicate(training_step.create_train_states(spec, jax.random.key(0)), mesh)
     for i in range(5):
       batch = next(iterator)
       if isinstance(batch, np.ndarray):

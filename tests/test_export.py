@@ -1,6 +1,8 @@
 """Exported detectors (export.py, detector.py, examples/load_exported.py) vs score_fn.
 
-One tiny run per score kind (widths 8, 1 epoch of 2 steps), exported once per format.
+One tiny run per score kind (widths 8), the session's (conftest.py): `knn_run` (latent
+k-NN, 1 epoch of 2 steps) and `cli_run` (the paper score, trained through main.py), each
+exported once per format.
 Tolerance of the parity checks, rtol 1e-4: both formats compute in float32 like score_fn
 but with other convolution algorithms and summation orders (onnxruntime's kernels; XLA
 compiles the exported module for a symbolic batch), which moves each network output by
@@ -21,14 +23,14 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, load_config, tiny
+from conftest import ROOT, main_in_process
 
 import skipganomaly_jax
+from skipganomaly_jax import config as config_lib
 from skipganomaly_jax import score_fn
 from skipganomaly_jax.data import input_pipeline
 from skipganomaly_jax.deploy import detector as detector_lib
 from skipganomaly_jax.deploy import export
-from skipganomaly_jax.training import train
 
 RTOL = 1e-4
 BATCHES = (1, 7, 300)
@@ -51,25 +53,11 @@ needs_onnx = pytest.mark.skipif(
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  """{score_kind: workdir} of tiny trained runs, each exported as StableHLO."""
-  workdirs = {}
-  for kind in KINDS:
-    config = tiny(load_config('demo'))
-    config.score_kind = kind
-    config.num_epochs, config.max_steps_per_epoch = 1, 2
-    workdir = str(tmp_path_factory.mktemp(kind))
-    train.train_and_evaluate(config, workdir)
-    workdirs[kind] = workdir
-  # Through main.py once (the CLI), in process for the other kind.
-  proc = subprocess.run(
-    [sys.executable, str(ROOT / 'main.py'), f'--workdir={workdirs["paper"]}', '--mode=export'],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def runs(knn_run, cli_run):
+  """{score_kind: workdir} of the tiny trained runs, each exported as StableHLO."""
+  workdirs = {'latent_knn': str(knn_run.workdir), 'paper': str(cli_run.workdir)}
+  # Through main.py's main once (the CLI's export mode), export_run for the other kind.
+  main_in_process(f'--workdir={workdirs["paper"]}', '--mode=export')
   export.export_run(workdirs['latent_knn'])
   return workdirs
 
@@ -112,10 +100,11 @@ def test_onnx_scores_equal_score_fn(onnx_runs, kind):
 
 def check_decisions(workdir, fmt):
   params, config, calibration = skipganomaly_jax.load(workdir)
-  test = input_pipeline.load_splits(config).test  # Real digits: both decisions occur.
+  # Real digits: both decisions occur.
+  test = input_pipeline.load_splits(config_lib.specs(config).data).test
   detector = detector_lib.load_exported(os.path.join(workdir, 'export'), fmt)
   expected = np.asarray(score_fn(params, test, lam=config.score_lambda))
-  # A score within the tolerance of the threshold may go either way (a few of 1,400).
+  # A score within the tolerance of the threshold may go either way (rare: under 1%).
   near = np.isclose(expected, calibration.threshold, rtol=RTOL, atol=0)
   assert near.mean() < 0.01
   flags = detector.is_anomalous(detector.score(test))

@@ -14,6 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from skipganomaly_jax import config as config_lib
 from skipganomaly_jax.data import input_pipeline as ip
 from skipganomaly_jax.data import prepare_data, sources, splits
 
@@ -33,6 +34,11 @@ def make_config(**dataset):
   return config
 
 
+def load_splits(config):
+  """`input_pipeline.load_splits` of a config's checked data spec (as a run loads it)."""
+  return ip.load_splits(config_lib.specs(config).data)
+
+
 def digest(image: np.ndarray) -> str:
   return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
 
@@ -43,7 +49,7 @@ def digest(image: np.ndarray) -> str:
 @pytest.fixture(scope='module')
 def digit_splits():
   return {
-    p: ip.load_splits(make_config(name='mnist_offline', abnormal_class='0', protocol=p, nc=1))
+    p: load_splits(make_config(name='mnist_offline', abnormal_class='0', protocol=p, nc=1))
     for p in ip.PROTOCOLS
   }
 
@@ -93,7 +99,7 @@ def test_digit_split_seeded():
 
 
 def test_digit_class_by_name_and_index_and_rgb():
-  by_str = ip.load_splits(make_config(name='mnist_offline', abnormal_class='7', nc=3))
+  by_str = load_splits(make_config(name='mnist_offline', abnormal_class='7', nc=3))
   by_int = splits.resolve_class(7, sources.DIGITS, 'mnist_offline')
   assert by_str.abnormal_name == '7' and by_int == 7
   assert by_str.train.shape[1:] == (32, 32, 3)
@@ -113,7 +119,7 @@ def test_digit_class_by_name_and_index_and_rgb():
 )
 def test_digit_bad_config(field, value, match):
   with pytest.raises(ValueError, match=match):
-    ip.load_splits(make_config(name='mnist_offline', **{'abnormal_class': '0', field: value}))
+    load_splits(make_config(name='mnist_offline', **{'abnormal_class': '0', field: value}))
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -181,7 +187,7 @@ def test_tfds_mnist_mock(tmp_path, spy_data_source):
     labels = [int(tfds.data_source('mnist', split='train', data_dir=str(tmp_path))[i]['label'])
               for i in range(40)]  # fmt: skip
     spy_data_source.clear()
-    s = ip.load_splits(config)
+    s = load_splits(config)
   assert spy_data_source == [('mnist', 'train'), ('mnist', 'test')]
   n_abnormal = labels.count(0)  # The mock's train and test splits hold the same examples.
   n_normal = 40 - n_abnormal
@@ -198,10 +204,10 @@ def test_tfds_class_by_name_and_index(tmp_path):
     for cls in ('automobile', '1'):
       config = make_config(name='cifar10', data_dir=str(tmp_path), abnormal_class=cls)
       config.update(batch_size=2, nc=1)
-      results.append(ip.load_splits(config))
+      results.append(load_splits(config))
     names = sources.tfds_class_names('cifar10', str(tmp_path))
     with pytest.raises(ValueError, match=r'automobile.*truck'):
-      ip.load_splits(make_config(name='cifar10', data_dir=str(tmp_path), abnormal_class='car'))
+      load_splits(make_config(name='cifar10', data_dir=str(tmp_path), abnormal_class='car'))
   assert {r.abnormal_name for r in results} == {'automobile'}
   assert splits.resolve_class(1, names, 'cifar10') == names.index('automobile')  # An int.
   for r in results[1:]:
@@ -213,10 +219,10 @@ def test_tfds_not_prepared_fails_fast(tmp_path):
   start = time.monotonic()
   config = make_config(name='mnist', data_dir=str(tmp_path), abnormal_class='0')
   with pytest.raises(FileNotFoundError, match=r'(?s)prepare_data mnist.*configs/demo\.py'):
-    ip.load_splits(config)
+    load_splits(config)
   assert time.monotonic() - start < 10
   with pytest.raises(ValueError, match='Unknown dataset'):
-    ip.load_splits(make_config(name='no_such_dataset_xyz', data_dir=str(tmp_path)))
+    load_splits(make_config(name='no_such_dataset_xyz', data_dir=str(tmp_path)))
 
 
 def test_prepare_data_without_tensorflow(capsys):
@@ -260,7 +266,7 @@ def make_folder(root: pathlib.Path) -> pathlib.Path:
 def test_folder_dataset(tmp_path, nc):
   root = make_folder(tmp_path / 'data')
   config = make_config(name='folder', root=str(root), val_fraction=0.2, batch_size=4, nc=nc)
-  s = ip.load_splits(config)
+  s = load_splits(config)
   assert (s.train.shape, s.val.shape) == ((5, 32, 32, nc), (1, 32, 32, nc))
   np.testing.assert_array_equal(s.test_labels, [0, 0, 0, 1, 1])
   assert s.abnormal_name == '1.abnormal'
@@ -280,8 +286,8 @@ def test_resize_center_crop(tmp_path):
   arr[:, 8:56] = 255
   Image.fromarray(arr).save(tmp_path / 'wide.png')
   Image.fromarray(arr.transpose(1, 0, 2)).save(tmp_path / 'tall.bmp')
-  images, paths = ip.load_images(str(tmp_path), 16, 1)
-  assert images.shape == (2, 16, 16, 1) and len(paths) == 2
+  images, paths = ip.load_images(str(tmp_path), 64, 1)  # Shorter side 32 -> 64.
+  assert images.shape == (2, 64, 64, 1) and len(paths) == 2
   assert (images == 255).all()
   one, [path] = ip.load_images(str(tmp_path / 'wide.png'), 32, 3)
   assert one.shape == (1, 32, 32, 3) and path.endswith('wide.png') and (one == 255).all()
@@ -291,27 +297,27 @@ def test_folder_bad_inputs(tmp_path):
   root = make_folder(tmp_path / 'data')
   config = make_config(name='folder', root=str(root), batch_size=4)
   with pytest.raises(FileNotFoundError, match='missing_root'):
-    ip.load_splits(make_config(name='folder', root=str(tmp_path / 'missing_root')))
+    load_splits(make_config(name='folder', root=str(tmp_path / 'missing_root')))
   with pytest.raises(FileNotFoundError, match='not a directory'):
-    ip.load_splits(make_config(name='folder', root=''))
+    load_splits(make_config(name='folder', root=''))
   config.batch_size = 6  # 6 normal training images, 1 held out for validation.
   with pytest.raises(ValueError, match=r'(?s)Only 5 training images.*batch_size'):
-    ip.load_splits(config)
+    load_splits(config)
   config.batch_size = 4
   (root / 'test' / '1.abnormal' / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
   with pytest.raises(ValueError, match='bad.png'):
-    ip.load_splits(config)
+    load_splits(config)
   jpeg = (root / 'test' / '1.abnormal' / 'a0.JPG').read_bytes()
   (root / 'test' / '1.abnormal' / 'bad.png').write_bytes(jpeg[: len(jpeg) // 2])  # Truncated.
   with pytest.raises(ValueError, match='bad.png'):
-    ip.load_splits(config)
+    load_splits(config)
   for f in (root / 'test' / '1.abnormal').iterdir():
     f.unlink()
   with pytest.raises(ValueError, match=r'No image files.*1\.abnormal'):
-    ip.load_splits(config)
+    load_splits(config)
   os.rmdir(root / 'test' / '1.abnormal')
   with pytest.raises(FileNotFoundError, match=r'1\.abnormal.*found in.*0\.normal'):
-    ip.load_splits(config)
+    load_splits(config)
 
 
 def test_load_images_bad_inputs(tmp_path):
@@ -330,10 +336,10 @@ def test_many_files_thread_pool(tmp_path):
     save(tmp_path / f'{i:03d}.png', 'L', (8 + i % 5, 8), 'PNG', i)
   (tmp_path / '150.png').write_bytes(b'corrupt')
   with pytest.raises(ValueError, match=r'150\.png'):
-    ip.load_images(str(tmp_path), 8, 1)
+    ip.load_images(str(tmp_path), 32, 1)
   (tmp_path / '150.png').unlink()
-  images, paths = ip.load_images(str(tmp_path), 8, 3)
-  assert images.shape == (299, 8, 8, 3) and paths == sorted(paths)
+  images, paths = ip.load_images(str(tmp_path), 32, 3)
+  assert images.shape == (299, 32, 32, 3) and paths == sorted(paths)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -11,6 +11,7 @@ from conftest import load_config, tiny
 from scipy import ndimage
 from sklearn import metrics as skm
 
+from skipganomaly_jax import config as config_lib
 from skipganomaly_jax.data import input_pipeline, textures
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.reporting import overlays
@@ -46,14 +47,15 @@ def test_settings_errors():
     localisation.Settings(topk_fraction=0.0)
   config = load_config('default')
   config.localisation.sigma = 2.0
-  assert localisation.Settings.from_config(config).sigma == 2.0
+  assert config_lib.specs(config).localisation == localisation.Settings(sigma=2.0)
 
 
 @pytest.fixture(scope='module')
 def params():
   config = tiny(load_config('default'))
   config.nc = 3
-  g, d = training_step.create_train_states(config, jax.random.key(0))
+  spec = training_step.StepSpec.from_specs(config_lib.specs(config))
+  g, d = training_step.create_train_states(spec, jax.random.key(0))
   return scores.scoring_variables(g, d)
 
 
@@ -89,6 +91,15 @@ def test_map_terms_match_independent_computation(params, rng):
     localisation.map_terms(params, images[:, :16])
 
 
+def test_score_maps_returns_the_localisation_map(params, rng):
+  """One anomaly map: score_maps' is the unsmoothed 'rec' map of pixel AUROC and PRO."""
+  images = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+  _, maps = scores.score_maps(params, images)
+  np.testing.assert_allclose(localisation.map_terms(params, images)['rec'], maps, rtol=1e-6)
+  unsmoothed = localisation.anomaly_maps(params, images, localisation.Settings(sigma=0.0))
+  np.testing.assert_allclose(unsmoothed, maps, rtol=1e-6)
+
+
 def test_rec_plus_d_uses_validation_units(params, rng):
   images = rng.integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
   terms = localisation.map_terms(params, images, d_levels=2)
@@ -120,7 +131,7 @@ def test_train_reports_pixel_metrics_with_masks(tmp_path):
   from skipganomaly_jax.deploy import trained_run
 
   params, config, calibration = trained_run.load(workdir)
-  splits = input_pipeline.load_splits(config)
+  splits = input_pipeline.load_splits(config_lib.specs(config).data)
   assert splits.test_masks.shape == (12, 32, 32) and not splits.test_masks[:4].any()
   maps = localisation.anomaly_maps(params, splits.test, localisation.Settings(sigma=1.0))
   assert report['pixel_auroc'] == pytest.approx(

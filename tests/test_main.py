@@ -1,5 +1,9 @@
 """End to end through main.py on the offline digits with a tiny model: training,
-outputs, kill -9 and resume, eval and score modes, load + score_fn, bad checkpoints."""
+outputs, kill -9 and resume, eval and score modes, load + score_fn, bad checkpoints.
+
+The run through main.py is the session's `cli_run` (conftest.py), shared with
+test_preemption.py and test_export.py; eval and score modes and flag errors run main()
+in this process (`main_in_process`); kill -9 and the resume are processes of their own."""
 
 import json
 import os
@@ -7,55 +11,48 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, load_config, tiny
+from absl import app, flags
+from conftest import (
+  CLI_EPOCHS,
+  CLI_STEPS,
+  DIGITS_TEST_ABNORMAL,
+  DIGITS_TEST_NORMAL,
+  ROOT,
+  digits_config,
+  load_config,
+  main_cmd,
+  main_in_process,
+  tiny,
+)
 from PIL import Image
 
 import skipganomaly_jax
+from skipganomaly_jax import config as config_lib
 from skipganomaly_jax import score_fn
 from skipganomaly_jax.data import input_pipeline
 from skipganomaly_jax.deploy import trained_run
 from skipganomaly_jax.scoring import metrics
 from skipganomaly_jax.training import checkpointing, train
 
-EPOCHS, STEPS = 4, 3
-TRAIN_FLAGS = [f'--config.{k}={v}' for k, v in TINY.items()] + [
-  f'--config.num_epochs={EPOCHS}',
-  f'--config.max_steps_per_epoch={STEPS}',
-  '--config.eval_batch_size=512',
-]
+EPOCHS, STEPS = CLI_EPOCHS, CLI_STEPS
+CONFIG = f'--config={ROOT}/configs/demo.py'
 
 
-def main_cmd(workdir, *flags, config='configs/demo.py'):
-  return [
-    sys.executable,
-    str(ROOT / 'main.py'),
-    f'--config={config}',
-    f'--workdir={workdir}',
-    *flags,
-  ]
-
-
-def run_main(workdir, *flags, **kwargs):
-  proc = subprocess.run(
-    main_cmd(workdir, *flags, **kwargs), cwd=ROOT, capture_output=True, text=True, timeout=900
+def run_main(workdir, *flags):
+  return subprocess.run(
+    main_cmd(workdir, *flags), cwd=ROOT, capture_output=True, text=True, timeout=900
   )
-  return proc
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('run')
-  proc = run_main(workdir, *TRAIN_FLAGS)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'AUROC' in proc.stdout and str(workdir) in proc.stdout
-  (workdir.parent / 'train_stderr.txt').write_text(proc.stderr)
-  return workdir
+def trained(cli_run):
+  """The workdir of the session's run through main.py (conftest.cli_run)."""
+  return cli_run.workdir
 
 
 def info_sources(stderr: str) -> set:
@@ -63,10 +60,10 @@ def info_sources(stderr: str) -> set:
   return set(re.findall(r'^I\d{4} [^\]]* (\S+?\.py):\d+\]', stderr, flags=re.MULTILINE))
 
 
-def test_default_logs_are_ours_only(trained):
+def test_default_logs_are_ours_only(cli_run):
   # Orbax alone logged about 60 INFO lines per checkpoint. By default: our progress bar
   # and our lines only: the JAX process, 'Training from step 0', one summary per epoch.
-  stderr = (trained.parent / 'train_stderr.txt').read_text()
+  stderr = cli_run.stderr
   assert info_sources(stderr) == {'main.py', 'train.py'}, stderr[-3000:]
   lines = [line for line in stderr.split('\n') if line.strip()]  # (The bar's '\r' is '\n'.)
   logs = [line for line in lines if re.match(r'[IWEF]\d{4} ', line)]
@@ -87,8 +84,8 @@ def test_training_writes_checkpoints_metrics_and_plots(trained):
   report = json.loads((trained / 'metrics.json').read_text())
   assert len(report['history']) == EPOCHS
   final = report['final']
-  assert final['num_normal'] == 900  # The AUROC's value: test_load_and_score_fn_*.
-  assert final['num_abnormal'] == 500 and final['step'] == EPOCHS * STEPS
+  assert final['num_normal'] == DIGITS_TEST_NORMAL  # The AUROC's value: test_load_and_*.
+  assert final['num_abnormal'] == DIGITS_TEST_ABNORMAL and final['step'] == EPOCHS * STEPS
   with checkpointing.Checkpointer(trained / 'checkpoints') as ckpt:
     assert ckpt.latest_step() == EPOCHS * STEPS
   lines = (trained / 'metrics.jsonl').read_text().splitlines()
@@ -109,10 +106,11 @@ def test_tensorboard_events_are_readable(trained):
 
 
 def test_load_and_score_fn_reproduce_the_reported_auroc(trained):
-  # score_fn and the training-time scorer batch differently; float32 noise can flip a
-  # near-tie pair (1 of 450,000 moves AUROC by 2e-6), hence abs=1e-4.
+  # score_fn and the training-time scorer batch differently; float32 noise (~1e-7 of a
+  # score) could flip a near-tie pair (1 of the 4,500 pairs moves AUROC by 2.2e-4; none
+  # of the 140 scores is that close to another here), hence abs=1e-4.
   params, config, calibration = skipganomaly_jax.load(str(trained))  # The public API.
-  splits = input_pipeline.load_splits(config)
+  splits = input_pipeline.load_splits(config_lib.specs(config).data)
   scores = np.asarray(score_fn(params, splits.test))
   reported = json.loads((trained / 'metrics.json').read_text())['final']
   assert metrics.auroc(splits.test_labels, scores) == pytest.approx(reported['auroc'], abs=1e-4)
@@ -134,9 +132,13 @@ def test_load_and_score_fn_reproduce_the_reported_auroc(trained):
   )
 
 
-def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
+def test_kill_and_resume_equals_uninterrupted(cli_run, tmp_path):
+  trained = cli_run.workdir
   proc = subprocess.Popen(
-    main_cmd(tmp_path, *TRAIN_FLAGS), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    main_cmd(tmp_path, *cli_run.flags),
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
   )
   first = tmp_path / 'checkpoints' / str(STEPS)
   try:
@@ -150,8 +152,11 @@ def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
     proc.wait()
   with checkpointing.Checkpointer(tmp_path / 'checkpoints') as ckpt:
     assert ckpt.latest_step() < EPOCHS * STEPS, 'the run finished before it was killed'
-  resumed = run_main(tmp_path, *TRAIN_FLAGS)
+  resumed = run_main(tmp_path, *cli_run.flags, '--verbosity=0')
   assert resumed.returncode == 0, resumed.stderr[-3000:]
+  # An explicit --verbosity shows the libraries' INFO logs again (Orbax's restore).
+  sources = info_sources(resumed.stderr)
+  assert sources - {'main.py', 'train.py', 'trained_run.py'}, resumed.stderr[-3000:]
   expected, _, _ = trained_run.load(str(trained))
   got, _, _ = trained_run.load(str(tmp_path))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, expected)
@@ -162,8 +167,7 @@ def test_eval_mode_rebuilds_outputs(trained, tmp_path):
   shutil.copytree(trained, workdir)
   for name in ('metrics.json', 'roc.png'):
     (workdir / name).unlink()
-  proc = run_main(workdir, '--mode=eval')
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  main_in_process(f'--workdir={workdir}', '--mode=eval')
   assert (workdir / 'roc.png').is_file()
   written = json.loads((workdir / 'metrics.json').read_text())
   original = json.loads((trained / 'metrics.json').read_text())
@@ -178,10 +182,8 @@ def test_score_mode_writes_csv_and_maps(trained, tmp_path, rng):
   images.mkdir()
   for i in range(3):
     Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(images / f'{i}.png')
-  proc = run_main(trained, '--mode=score', f'--images={images}', '--maps', '--verbosity=0')
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  # An explicit --verbosity shows the libraries' INFO logs again (Orbax's restore).
-  assert info_sources(proc.stderr) - {'main.py', 'train.py', 'trained_run.py'}, proc.stderr[-3000:]
+  main_in_process(f'--workdir={trained}', '--mode=score', f'--images={images}', '--maps')
+  # (--verbosity showing the libraries' logs again: test_kill_and_resume_*'s resumed run.)
   rows = (trained / 'scores.csv').read_text().splitlines()
   assert rows[0] == 'path,score,normalised_score,anomalous' and len(rows) == 4
   assert all(r.split(',')[3] in ('yes', 'no') for r in rows[1:])
@@ -198,18 +200,18 @@ def test_corrupt_checkpoint_is_named(trained, tmp_path):
     trained_run.load(str(workdir))
 
 
-def test_mismatched_config_is_named(trained, tmp_path):
+def test_mismatched_config_is_named(trained, tmp_path, digits_npz):
   workdir = tmp_path / 'mismatch'
   shutil.copytree(trained, workdir)
-  config = tiny(load_config('demo'))
+  config = digits_config(digits_npz)
   config.model.ngf = 16  # Another width than the checkpoint's.
   with pytest.raises(checkpointing.CheckpointError, match='expected shape'):
     train.train_and_evaluate(config, str(workdir))
 
 
-def test_non_finite_loss_stops_loudly(tmp_path, progress_bars):
-  config = tiny(load_config('demo'))
-  config.loss.w_con = float('nan')
+def test_non_finite_loss_stops_loudly(tmp_path, progress_bars, digits_npz):
+  config = digits_config(digits_npz)
+  config.loss.w_con = 1e300  # Finite (a valid config), but inf in float32: so is the loss.
   config.num_epochs, config.max_steps_per_epoch, config.log_every_steps = 1, 2, 1
   with pytest.raises(train.DivergenceError, match='step 1'):
     train.train_and_evaluate(config, str(tmp_path))
@@ -217,20 +219,26 @@ def test_non_finite_loss_stops_loudly(tmp_path, progress_bars):
 
 
 def test_misspelled_config_key_is_an_error(tmp_path):
-  proc = run_main(tmp_path, '--config.num_epoch=3')
-  assert proc.returncode != 0 and 'num_epoch' in proc.stderr
+  # (ml_collections raises AttributeError: 'num_epoch' ... Did you mean "num_epochs"?)
+  with pytest.raises((flags.Error, AttributeError), match='num_epoch'):
+    main_in_process(CONFIG, f'--workdir={tmp_path}', '--config.num_epoch=3')
 
 
-def test_latent_knn_by_name_stores_the_bank(tmp_path):
-  # In process (no subprocess): 1 epoch of 2 steps with the latent k-NN score.
-  config = tiny(load_config('demo'))
-  config.score_kind = 'latent_knn'
-  config.num_epochs, config.max_steps_per_epoch = 1, 2
-  report = train.train_and_evaluate(config, str(tmp_path))
+def test_bad_config_value_is_named_not_traced(tmp_path):
+  # A UsageError: app.run prints its message and exits 2, without a traceback.
+  with pytest.raises(app.UsageError) as info:
+    main_in_process(CONFIG, f'--workdir={tmp_path}', '--config.optim.lr=-1')
+  assert 'config.optim.lr must be a finite number > 0; got -1.0' in str(info.value)
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_latent_knn_by_name_stores_the_bank(knn_run):
+  # In process (no subprocess): 1 epoch of 2 steps with the latent k-NN score (conftest).
+  tmp_path, report = knn_run.workdir, knn_run.report
   assert report['auroc'] == report['latent_knn_auroc']
   params, config, _ = trained_run.load(str(tmp_path))
   # The stored bank is the unit-norm codes of exactly the training normals.
-  splits = input_pipeline.load_splits(config)
+  splits = input_pipeline.load_splits(config_lib.specs(config).data)
   no_bank = {k: v for k, v in params.items() if k != 'knn_bank'}
   codes = np.asarray(skipganomaly_jax.score_details(no_bank, splits.train)['code'], np.float64)
   codes /= np.linalg.norm(codes, axis=1, keepdims=True)

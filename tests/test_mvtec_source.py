@@ -7,6 +7,7 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
+from skipganomaly_jax import config as config_lib
 from skipganomaly_jax.data import images as images_lib
 from skipganomaly_jax.data import input_pipeline as ip
 from skipganomaly_jax.data import mvtec, textures
@@ -66,10 +67,15 @@ def mvtec_config(root, category='', isize=32):
   return config
 
 
+def load_splits(config):
+  """`input_pipeline.load_splits` of a config's checked data spec (as a run loads it)."""
+  return ip.load_splits(config_lib.specs(config).data)
+
+
 @pytest.mark.parametrize('size', [(50, 37), (37, 50), (32, 32), (100, 64)])
 def test_mvtec_layout_and_mask_geometry(tmp_path, rng, size):
   masks = make_category(str(tmp_path / 'cat'), rng, size)
-  s = ip.load_splits(mvtec_config(str(tmp_path), 'cat'))
+  s = load_splits(mvtec_config(str(tmp_path), 'cat'))
   assert s.test.shape == (9, 32, 32, 3) and s.test_masks.shape == (9, 32, 32)
   assert (len(s.train), len(s.val)) == (11, 1)
   np.testing.assert_array_equal(s.test_labels, [0, 0, 0, 1, 1, 1, 1, 1, 1])
@@ -99,12 +105,12 @@ def test_missing_or_bad_masks_are_named(tmp_path, rng):
   make_category(root, rng)
   os.remove(os.path.join(root, 'ground_truth', 'hole', '001_mask.png'))
   with pytest.raises(FileNotFoundError, match=r'test/hole/001\.png has no mask'):
-    ip.load_splits(mvtec_config(root))
+    load_splits(mvtec_config(root))
   _save(os.path.join(root, 'ground_truth', 'hole', '001_mask.png'), np.zeros((5, 5), np.uint8))
   with pytest.raises(ValueError, match=r'001_mask\.png is 5x5 but its image is 50x37'):
-    ip.load_splits(mvtec_config(root))
+    load_splits(mvtec_config(root))
   with pytest.raises(FileNotFoundError, match='category'):
-    ip.load_splits(mvtec_config(str(tmp_path), 'no_such_category'))
+    load_splits(mvtec_config(str(tmp_path), 'no_such_category'))
 
 
 def test_folder_layout_masks_are_optional(tmp_path, rng):
@@ -118,14 +124,14 @@ def test_folder_layout_masks_are_optional(tmp_path, rng):
       _save(f'{root}/{split}/{cls}/{i}.png', rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
   config = load_config('folder')
   config.dataset.root, config.isize, config.batch_size = root, 32, 4
-  assert ip.load_splits(config).test_masks is None
+  assert load_splits(config).test_masks is None
   mask = np.zeros((40, 40), np.uint8)
   mask[5:20, 5:9] = 255
   _save(f'{root}/ground_truth/1.abnormal/0_mask.png', mask)
   with pytest.raises(FileNotFoundError, match=r'1\.abnormal/1\.png has no mask'):
-    ip.load_splits(config)
+    load_splits(config)
   _save(f'{root}/ground_truth/1.abnormal/1_mask.png', mask)
-  s = ip.load_splits(config)
+  s = load_splits(config)
   np.testing.assert_array_equal(s.test_labels, [0, 0, 1, 1])
   lower, upper = _nearest_resize_crop(mask > 0, 32)
   assert np.all((s.test_masks[2] == lower) | (s.test_masks[2] == upper))
@@ -145,7 +151,7 @@ def test_generator_is_seeded_and_readable(tmp_path):
   kw = {'crop': 32, 'num_train': 6, 'num_test_good': 2, 'num_per_kind': 1}
   for out, seed in (('a', 0), ('b', 0), ('c', 1)):
     textures.generate_texture(str(tmp_path / out), 'brick', seed=seed, **kw)
-  a, b, c = (ip.load_splits(mvtec_config(str(tmp_path / o), 'brick')) for o in 'abc')
+  a, b, c = (load_splits(mvtec_config(str(tmp_path / o), 'brick')) for o in 'abc')
   np.testing.assert_array_equal(a.test, b.test)
   np.testing.assert_array_equal(a.test_masks, b.test_masks)
   assert not np.array_equal(a.test, c.test)

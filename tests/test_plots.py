@@ -70,7 +70,7 @@ def test_pyplot_not_imported(tmp_path):
   """Plotting uses an explicit Agg canvas: no pyplot, no global backend switch."""
   code = (
     'import sys, numpy as np\n'
-    'from skipganomaly_jax import plots\n'
+    'from skipganomaly_jax.reporting import plots\n'
     f'plots.save_roc_curve({str(tmp_path / "r.png")!r}, [0, 1, 0, 1], np.arange(4.0), "t")\n'
     'assert "matplotlib.pyplot" not in sys.modules\n'
   )

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
+from skipganomaly_jax import config as config_lib
 from skipganomaly_jax.nets import torch_weights
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.scoring import scores
@@ -86,14 +87,15 @@ def run_steps(ref, config):
   Returns {'init': (g, d), 'step1': (g, d, metrics), 'step3': (g, d, metrics)}.
   """
   init = variables(ref, 'init')
-  g, d = training_step.create_train_states(config, jax.random.key(0))
+  spec = training_step.StepSpec.from_specs(config_lib.specs(config))
+  g, d = training_step.create_train_states(spec, jax.random.key(0))
   g = g.replace(params=init['generator']['params'], batch_stats=init['generator']['batch_stats'])
   d = d.replace(
     params=init['discriminator']['params'], batch_stats=init['discriminator']['batch_stats']
   )
   g = g.replace(opt_state=g.tx.init(g.params))
   d = d.replace(opt_state=d.tx.init(d.params))
-  step = jax.jit(functools.partial(training_step.train_step, config=config))
+  step = jax.jit(functools.partial(training_step.train_step, spec=spec))
   out = {'init': (g, d)}
   for i, name in enumerate(('x0', 'x1', 'x2')):
     g, d, metrics = step(g, d, nhwc(ref[name]), jax.random.key(i))

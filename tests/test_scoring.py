@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import Mesh
 
 import skipganomaly_jax
+from skipganomaly_jax import config as config_lib
 from skipganomaly_jax import score_details, score_fn, score_maps
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.scoring import evaluation, scores
@@ -19,7 +20,8 @@ def params():
 
   config = conftest.tiny(conftest.load_config('default'))
   config.nc = 1
-  g, d = training_step.create_train_states(config, jax.random.key(0))
+  spec = training_step.StepSpec.from_specs(config_lib.specs(config))
+  g, d = training_step.create_train_states(spec, jax.random.key(0))
   # Non-trivial running statistics, as after training.
   d = d.replace(batch_stats=jax.tree.map(lambda v: v + 0.3, d.batch_stats))
   return scoring_variables(g, d)
@@ -35,7 +37,7 @@ def numpy_scores(params, images, lam=0.9, train=False):
   x = np.asarray(images, np.float64)
   rec = ((x - x_hat) ** 2).mean(axis=(1, 2, 3))
   lat = ((np.asarray(f_real, np.float64) - np.asarray(f_fake, np.float64)) ** 2).mean(axis=1)
-  return lam * rec + (1 - lam) * lat, np.abs(x - x_hat).mean(axis=-1)
+  return lam * rec + (1 - lam) * lat, ((x - x_hat) ** 2).mean(axis=-1)
 
 
 def test_scores_and_maps_match_numpy(params, rng):

@@ -11,14 +11,20 @@ from skipganomaly_jax.nets.models import ModelSpec, reinit_params
 from skipganomaly_jax.training import training_step
 
 
+def step_spec(config) -> training_step.StepSpec:
+  """The step spec of a config, checked (as a run builds it)."""
+  return training_step.StepSpec.from_specs(config_lib.specs(config))
+
+
 def jitted_step(config):
-  return jax.jit(lambda g, d, x, k: training_step.train_step(g, d, x, k, config=config))
+  spec = step_spec(config)
+  return jax.jit(lambda g, d, x, k: training_step.train_step(g, d, x, k, spec=spec))
 
 
 def run_steps(config, batch, seed: int, num_steps: int = 8):
   """(g, d, last metrics, G losses) after num_steps jitted steps on one batch."""
   step = jitted_step(config)
-  g, d = training_step.create_train_states(config, jax.random.key(seed))
+  g, d = training_step.create_train_states(step_spec(config), jax.random.key(seed))
   losses = []
   for i in range(num_steps):
     g, d, metrics = step(g, d, batch, jax.random.key(i))
@@ -74,7 +80,7 @@ def test_step_applies_the_gradients_of_each_loss(tiny_config, rng):
   """With SGD(lr=1), params before - params after = the gradient of each network's loss."""
   x = jnp.asarray(rng.uniform(-1, 1, (8, 32, 32, 3)), jnp.float32)
   key = jax.random.key(int(rng.integers(1 << 30)))
-  g, d = training_step.create_train_states(tiny_config, key, optax.sgd(1.0))
+  g, d = training_step.create_train_states(step_spec(tiny_config), key, optax.sgd(1.0))
   g_vars = {'params': g.params, 'batch_stats': g.batch_stats}
   d_vars = {'params': d.params, 'batch_stats': d.batch_stats}
 
@@ -118,7 +124,7 @@ def test_each_network_learns_its_own_objective(tiny_config, batch):
   config = tiny_config.copy_and_resolve_references()
   config.loss.w_con = 0.0
   step = jitted_step(config)
-  g0, d0 = training_step.create_train_states(config, jax.random.key(0))
+  g0, d0 = training_step.create_train_states(step_spec(config), jax.random.key(0))
   curves = {}
   for name, (g, d) in {'G': (g0, frozen(d0)), 'D': (frozen(g0), d0)}.items():
     curve = []
@@ -134,7 +140,7 @@ def test_each_network_learns_its_own_objective(tiny_config, batch):
 
 
 def test_reinit_guard_fires_only_below_threshold(tiny_config, batch):
-  g0, d0 = training_step.create_train_states(tiny_config, jax.random.key(2))
+  g0, d0 = training_step.create_train_states(step_spec(tiny_config), jax.random.key(2))
   key = jax.random.key(7)
   normal_cfg = tiny_config.copy_and_resolve_references()
   _, d_normal, m_normal = jitted_step(normal_cfg)(g0, d0, batch, key)
@@ -156,7 +162,7 @@ def test_reinit_guard_fires_only_below_threshold(tiny_config, batch):
 
 
 def test_discriminator_latent_switch(tiny_config, batch):
-  g0, d0 = training_step.create_train_states(tiny_config, jax.random.key(3))
+  g0, d0 = training_step.create_train_states(step_spec(tiny_config), jax.random.key(3))
   off = tiny_config.copy_and_resolve_references()
   off.loss.d_latent = False
   _, _, m_on = jitted_step(tiny_config)(g0, d0, batch, jax.random.key(0))
@@ -168,7 +174,7 @@ def test_bfloat16_compute_trains_with_float32_params(tiny_config, batch):
   """One bf16-compute step is close to the float32 step; params and Adam state stay f32."""
   config = tiny_config.copy_and_resolve_references()
   config.dtype = 'bfloat16'
-  g0, d0 = training_step.create_train_states(config, jax.random.key(4))
+  g0, d0 = training_step.create_train_states(step_spec(config), jax.random.key(4))
   g, d, m16 = jitted_step(config)(g0, d0, batch, jax.random.key(0))
   _, _, m32 = jitted_step(tiny_config)(g0, d0, batch, jax.random.key(0))
   for key in ('g_adv', 'g_con', 'g_lat', 'd_real_loss', 'd_fake_loss', 'd_lat'):
@@ -184,4 +190,4 @@ def test_bfloat16_compute_trains_with_float32_params(tiny_config, batch):
 def test_bad_dtype_is_rejected(tiny_config):
   tiny_config.dtype = 'float16'
   with pytest.raises(ValueError, match="config.dtype must be one of \\('float32', 'bfloat16'\\)"):
-    config_lib.compute_dtype(tiny_config)
+    config_lib.compute_dtype(tiny_config.dtype)

@@ -10,11 +10,17 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from skipganomaly_jax.config import check_batch_divisible
 from skipganomaly_jax.data.images import to_float
 
 
-def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
-  """global_batch_size // process_count, after checking the arguments."""
+def _local_batch_size(
+  global_batch_size: int, process_index: int, process_count: int, field: str = 'batch_size'
+) -> int:
+  """global_batch_size // process_count, after checking the arguments.
+
+  `field` names the config field of the batch in the divisibility error.
+  """
   if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int | np.integer):
     raise ValueError(f'The global batch size must be an int, got {global_batch_size!r}.')
   if global_batch_size < 1 or process_count < 1:
@@ -22,12 +28,7 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
       f'Need a positive global batch and process count, got {global_batch_size} and '
       f'{process_count}.'
     )
-  if global_batch_size % process_count:
-    raise ValueError(
-      f'The global batch size {global_batch_size} is not divisible by the process count '
-      f'{process_count}: set --config.batch_size / --config.eval_batch_size to a multiple '
-      f'of {process_count}.'
-    )
+  check_batch_divisible(global_batch_size, process_count, field, 'processes')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} is not in [0, {process_count}).')
   return int(global_batch_size) // process_count
@@ -133,7 +134,7 @@ def eval_batches(
     An iterator of float32 [-1, 1] arrays (global_batch_size // process_count, H, W, C).
     Arguments are checked when this is called.
   """
-  local = _local_batch_size(global_batch_size, process_index, process_count)
+  local = _local_batch_size(global_batch_size, process_index, process_count, 'eval_batch_size')
   return _eval_batches(images, int(global_batch_size), local, process_index)
 
 

@@ -6,7 +6,7 @@ TPU step never waits for a host-to-device copy of its batch. The order is exactl
 `TrainIterator`'s: epoch e visits `np.random.default_rng([seed, e]).permutation(N)` (made
 on the host once per epoch: N int32 indices uploaded, a few hundred KB), the last
 partial batch is dropped, and device d of D takes rows [d * B/D, (d + 1) * B/D) of each
-global batch of B, which is what `mesh.shard_batch` of the host batches gives. So a run
+global batch of B, which is what `parallel.shard_batch` of the host batches gives. So a run
 with `config.device_data='on'` trains on the same batches, and ends with the same
 parameters, as one with 'off'; resuming from a checkpoint's iterator state works with
 either.
@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from skipganomaly_jax.config import DEVICE_DATA_SETTINGS
+from skipganomaly_jax.config import check_batch_divisible, check_field
 from skipganomaly_jax.data.batches import TrainIterator
 from skipganomaly_jax.data.images import to_float
 
@@ -45,11 +45,7 @@ def use_device_data(setting, nbytes: int, devices=None) -> bool:
     DEVICE_DATA_MAX_BYTES and at most 1/8 of the smallest reported device memory.
   """
   setting = {True: 'on', False: 'off'}.get(setting, setting)
-  if setting not in DEVICE_DATA_SETTINGS:
-    raise ValueError(
-      f'config.device_data must be one of {DEVICE_DATA_SETTINGS}; got {setting!r} '
-      '(set --config.device_data=auto, for example).'
-    )
+  check_field('device_data', setting)
   if setting != 'auto':
     return setting == 'on'
   limit = DEVICE_DATA_MAX_BYTES
@@ -100,11 +96,7 @@ class DeviceTrainIterator(TrainIterator):
     """
     if images.dtype != np.uint8:
       raise ValueError(f'Device-resident images must be uint8, got {images.dtype}.')
-    if global_batch_size % mesh.size:
-      raise ValueError(
-        f'The global batch size {global_batch_size} is not divisible by the '
-        f'{mesh.size} devices: set --config.batch_size to a multiple of {mesh.size}.'
-      )
+    check_batch_divisible(global_batch_size, mesh.size)
     super().__init__(images, global_batch_size, seed)
     self._mesh, self._device_local = mesh, global_batch_size // mesh.size
     self._replicated = NamedSharding(mesh, P())

@@ -14,19 +14,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from skipganomaly_jax.config import ALLOWED_NC
+from skipganomaly_jax.config import ALLOWED_NC, check_geometry
 
 # The extensions torchvision's ImageFolder accepts (case-insensitive).
 IMAGE_EXTENSIONS = ('.bmp', '.jpeg', '.jpg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
 _CHUNK = 256  # Images per thread-pool task.
-
-
-def check_geometry(isize: int, nc: int) -> None:
-  """Raises ValueError unless isize is a positive int and nc is 1 or 3."""
-  if isinstance(isize, bool) or not isinstance(isize, int) or isize < 1:
-    raise ValueError(f'config.isize must be a positive integer, got {isize!r}.')
-  if nc not in ALLOWED_NC:
-    raise ValueError(f'config.nc must be 1 (grayscale) or 3 (RGB), got {nc!r}.')
 
 
 def to_float(images):

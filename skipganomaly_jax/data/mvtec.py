@@ -21,6 +21,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from skipganomaly_jax.config import DataSpec
 from skipganomaly_jax.data import images as images_lib
 from skipganomaly_jax.data import splits as splits_lib
 
@@ -116,20 +117,19 @@ def _list(folder: str) -> list[str]:
   return files
 
 
-def load_splits(config) -> splits_lib.DataSplits:
-  """Reads one MVTec AD category (config.dataset.root) with its masks.
+def load_splits(ds: DataSpec) -> splits_lib.DataSplits:
+  """Reads one MVTec AD category (ds.root) with its masks.
 
   Args:
-    config: reads dataset.{root, category, seed, val_fraction}, isize, nc and batch_size;
-      the category folder is root/category (root itself when category is '').
+    ds: the run's data spec: root, category, seed, val_fraction, isize, nc and
+      batch_size; the category folder is root/category (root itself when category is '').
 
   Returns:
     `DataSplits` with test_masks (N, isize, isize) uint8 and test_paths; test normals
     ('good') first, then the defect folders in name order; abnormal_name lists the kinds.
   """
-  ds, isize, nc = config.dataset, config.isize, config.nc
-  images_lib.check_geometry(isize, nc)
-  root = os.path.join(ds.root, ds.get('category') or '') if ds.root else ds.root
+  isize, nc = ds.isize, ds.nc
+  root = os.path.join(ds.root, ds.category) if ds.root else ds.root
   if not root or not os.path.isdir(os.path.join(root, 'train', GOOD)):
     raise FileNotFoundError(
       f'MVTec AD category folder {root!r} has no train/good/. Set --config.dataset.root '
@@ -141,11 +141,11 @@ def load_splits(config) -> splits_lib.DataSplits:
   labels = np.array([os.path.basename(os.path.dirname(p)) != GOOD for p in test_paths], np.int32)
   masks = read_masks(root, test_paths, labels, isize)  # Checks every mask before decoding.
   train = images_lib.read_images(_list(os.path.join(root, 'train', GOOD)), isize, nc)
-  train, val = splits_lib._validation_slice(train, ds.val_fraction, ds.seed)
-  if len(train) < config.batch_size:
+  train, val = splits_lib.validation_slice(train, ds.val_fraction, ds.seed)
+  if len(train) < ds.batch_size:
     raise ValueError(
       f'Only {len(train)} training images (after holding out {len(val)} for validation) '
-      f'for a global batch of {config.batch_size}: lower --config.batch_size.'
+      f'for a global batch of {ds.batch_size}: lower --config.batch_size.'
     )
   return splits_lib.DataSplits(
     train=train,

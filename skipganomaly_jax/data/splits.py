@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 
 from skipganomaly_jax.config import DATASET_PROTOCOLS as PROTOCOLS
-from skipganomaly_jax.data import images as images_lib
+from skipganomaly_jax.config import DataSpec
 from skipganomaly_jax.data import sources
 
 GANOMALY_TRAIN_FRACTION = 0.8
@@ -80,10 +80,13 @@ def resolve_class(abnormal_class: int | str, class_names: tuple[str, ...], datas
   return index
 
 
-def _validation_slice(train: np.ndarray, val_fraction: float, seed: int):
-  """Moves a seeded random val_fraction of train (indices) to validation."""
-  if not 0.0 <= val_fraction < 1.0:
-    raise ValueError(f'config.dataset.val_fraction must be in [0, 1), got {val_fraction!r}.')
+def validation_slice(train: np.ndarray, val_fraction: float, seed: int):
+  """Moves a seeded random val_fraction of train (indices) to validation.
+
+  Runs check val_fraction in (0, 1) (skipganomaly_jax/config/); 0 (no validation) is allowed here.
+  """
+  if not 0.0 <= val_fraction < 1.0:  # Direct use only: a run's spec is checked.
+    raise ValueError(f'val_fraction must be in [0, 1), got {val_fraction!r}.')
   n_val = 0 if val_fraction == 0 else max(1, int(val_fraction * len(train) + 0.5))
   if n_val >= len(train):
     raise ValueError(
@@ -117,8 +120,8 @@ def protocol_indices(
   Returns:
     Disjoint int64 index arrays 'train', 'val', 'test_normal', 'test_abnormal'.
   """
-  if protocol not in PROTOCOLS:
-    raise ValueError(f'config.dataset.protocol must be one of {PROTOCOLS}, got {protocol!r}.')
+  if protocol not in PROTOCOLS:  # Direct use only: a run's spec is checked.
+    raise ValueError(f'protocol must be one of {PROTOCOLS}, got {protocol!r}.')
   if is_test is None:
     if protocol != 'ganomaly':
       raise ValueError(
@@ -141,20 +144,18 @@ def protocol_indices(
       f'{protocol!r}: every image is of that class or in the test split. Pick another '
       '--config.dataset.abnormal_class or protocol, or add normal training images.'
     )
-  train, val = _validation_slice(normal_train, val_fraction, seed)
+  train, val = validation_slice(normal_train, val_fraction, seed)
   test_abnormal = np.concatenate(
     [np.flatnonzero(~normal & ~is_test), np.flatnonzero(~normal & is_test)]
   )
   return {'train': train, 'val': val, 'test_normal': normal_test, 'test_abnormal': test_abnormal}
 
 
-def _load_pool(config) -> tuple[sources.Pool, int, str]:
+def _load_pool(ds: DataSpec) -> tuple[sources.Pool, int, str]:
   """The source's pool, the abnormal class index and the protocol to apply."""
-  ds, isize, nc = config.dataset, config.isize, config.nc
+  isize, nc = ds.isize, ds.nc
   if ds.name == sources.FOLDER:
     return sources.folder_pool(ds.root, isize, nc), 1, 'one_class'
-  if ds.protocol not in PROTOCOLS:  # Checked before any image is read.
-    raise ValueError(f'config.dataset.protocol must be one of {PROTOCOLS}, got {ds.protocol!r}.')
   if ds.name == sources.ARRAYS:
     pool = sources.arrays_pool(ds.path, isize, nc)
     abnormal = resolve_class(ds.abnormal_class, pool.class_names, f'{ds.name} ({ds.path})')
@@ -172,12 +173,12 @@ def _load_pool(config) -> tuple[sources.Pool, int, str]:
   return sources.tfds_pool(ds.name, ds.data_dir, isize, nc), abnormal, ds.protocol
 
 
-def load_splits(config) -> DataSplits:
-  """Loads config.dataset and applies its protocol and validation slice.
+def load_splits(ds: DataSpec) -> DataSplits:
+  """Loads a dataset and applies its protocol and validation slice.
 
   Args:
-    config: reads dataset.{name, data_dir, root, path, abnormal_class, protocol, seed,
-      val_fraction}, isize, nc and batch_size (the global training batch).
+    ds: the run's data spec: name, data_dir, root, path, abnormal_class, protocol, seed,
+      val_fraction, isize, nc and batch_size (the global training batch).
 
   Returns:
     The task's `DataSplits`.
@@ -186,14 +187,12 @@ def load_splits(config) -> DataSplits:
     FileNotFoundError: missing folder, or a TFDS dataset that is not prepared.
     ValueError: any other bad input (the message names the value and the fix).
   """
-  images_lib.check_geometry(config.isize, config.nc)
-  pool, abnormal, protocol = _load_pool(config)
-  ds = config.dataset
+  pool, abnormal, protocol = _load_pool(ds)
   idx = protocol_indices(pool.labels, pool.is_test, abnormal, protocol, ds.seed, ds.val_fraction)
-  if len(idx['train']) < config.batch_size:
+  if len(idx['train']) < ds.batch_size:
     raise ValueError(
       f'Only {len(idx["train"])} training images (after holding out {len(idx["val"])} '
-      f'for validation) for a global batch of {config.batch_size}: lower '
+      f'for validation) for a global batch of {ds.batch_size}: lower '
       '--config.batch_size or --config.dataset.val_fraction, or add training images.'
     )
   if not len(idx['test_normal']) or not len(idx['test_abnormal']):

@@ -7,7 +7,7 @@ writes `runs/demo/export/` with `scorer.stablehlo` (the default) or `scorer.onnx
 producing versions, and each model file's size and sha256. The model file holds the
 scorer with its weights (and, for the latent k-NN score, the bank of training codes)
 baked in as constants; it maps a batch of images to anomaly scores and needs neither
-this package nor its checkpoint: see exported.py (a loader that checks every file),
+this package nor its checkpoint: see detector.py (a loader that checks every file),
 examples/load_exported.py (jax and numpy only) and the README's Deploy section.
 
 The input contract is uint8 NHWC in [0, 255] with any batch size; the model scales to
@@ -16,7 +16,7 @@ integer dtype leaves no room for the silent [0, 1] vs [-1, 1] vs [0, 255] float 
 it is also 4x less data per request.
 
 - StableHLO (`jax.export`, symbolic batch 'b'): lowered for CPU and CUDA in one file.
-  The CPU branch uses the fast CPU convolutions of layers.py (their forward passes are
+  The CPU branch uses the fast CPU convolutions of nets/layers.py (their forward passes are
   plain lax ops; the custom gradients are never exported), the other platforms plain
   `lax` convolutions (`lax.platform_dependent`).
 - ONNX (`jax2onnx`, optional: see pyproject's `onnx` extra): plain `lax` convolutions,
@@ -209,8 +209,15 @@ def _params_digest(params) -> str:
   return digest.hexdigest()
 
 
-def detector_metadata(params, config, calibration, which) -> dict:
-  """detector.json without its 'models' entries (see the module doc)."""
+def detector_metadata(params, lam: float, calibration, which) -> dict:
+  """detector.json without its 'models' entries (see the module doc).
+
+  Args:
+    params: the exported `score_fn` variables (host copies).
+    lam: the run's score_lambda, which the exported paper score uses.
+    calibration: the run's `metrics.Calibration`.
+    which: the checkpoint exported ('latest', 'best' or a step).
+  """
   spec = ModelSpec.from_variables(params)
   score_kind = 'latent_knn' if 'knn_bank' in params else 'paper'
   return {
@@ -233,7 +240,7 @@ def detector_metadata(params, config, calibration, which) -> dict:
       'meaning': 'anomaly score, higher = more anomalous',
     },
     'score_kind': score_kind,
-    'score_lambda': float(config.score_lambda),
+    'score_lambda': float(lam),
     'threshold': float(calibration.threshold),
     'decision': 'anomalous = score > threshold',
     'calibration': calibration.to_dict(),
@@ -289,15 +296,15 @@ def export_run(workdir: str, fmt: str = 'stablehlo', which='latest') -> str:
   """
   if fmt not in FORMATS:
     raise ExportError(f'format must be one of {FORMATS}; got {fmt!r}.')
-  params, config, calibration = trained_run.load(workdir, which)
+  model = trained_run.restore(workdir, which)
+  params, calibration, lam = model.params, model.calibration, float(model.specs.score.lam)
   if calibration is None:
     raise ExportError(
       f'the checkpoint in {workdir} has no calibration (preempted before its first '
       'evaluation): train at least one epoch, then export.'
     )
   params = jax.device_get(params)
-  meta = detector_metadata(params, config, calibration, which)
-  lam = float(config.score_lambda)
+  meta = detector_metadata(params, lam, calibration, which)
   exported = stablehlo_export(params, lam) if fmt == 'stablehlo' else None
   data = bytes(exported.serialize()) if exported else onnx_bytes(params, lam)
   directory = os.path.join(workdir, 'export')

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from skipganomaly_jax import config as config_lib
 from skipganomaly_jax.nets import torch_weights
-from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.parallel import replicate
 from skipganomaly_jax.training import checkpointing, train, training_step
 
@@ -68,10 +68,17 @@ def read_pth(path: str) -> tuple[dict, int | None]:
   return arrays, None if epoch is None else int(epoch)
 
 
-def imported_states(config, netg: dict, netd: dict):
-  """Our (g_state, d_state) holding the reference's weights, with a fresh Adam state."""
-  variables = torch_weights.convert_state_dicts(netg, netd, ModelSpec.from_config(config))
-  g, d = training_step.create_train_states(config, jax.random.key(config.seed))
+def imported_states(specs: config_lib.RunSpecs, netg: dict, netd: dict):
+  """Our (g_state, d_state) holding the reference's weights, with a fresh Adam state.
+
+  Args:
+    specs: the checked specs of the reference run's config (architecture, optimiser).
+    netg: G's state dict, {torch name: numpy array}.
+    netd: D's state dict, likewise.
+  """
+  step_spec = training_step.StepSpec.from_specs(specs)
+  variables = torch_weights.convert_state_dicts(netg, netd, step_spec.model)
+  g, d = training_step.create_train_states(step_spec, jax.random.key(specs.train.seed))
 
   def fill(state, net):
     params = jax.tree.map(jnp.asarray, net['params'])
@@ -123,7 +130,7 @@ def import_state_dicts(
   directory = os.path.join(workdir, 'checkpoints')
   if os.path.isdir(directory) and os.listdir(directory):
     raise ValueError(f'{directory} already holds checkpoints: import into a new --workdir.')
-  g, d = imported_states(config, netg, netd)
+  g, d = imported_states(config_lib.specs(config), netg, netd)
   source = source or {}
   ctx = None
   if calibrate:

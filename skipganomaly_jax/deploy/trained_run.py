@@ -4,10 +4,11 @@ params, config, calibration = skipganomaly_jax.load('runs/demo')
 scores = skipganomaly_jax.score_fn(params, images)
 
 Everything is read from the run's checkpoint: the networks, the k-NN bank, the
-calibration and the run's config, whose score_lambda, dtype, eval_batch_size and
-eval_protocol the `eval` and `score` modes use (`restore`). Only checkpoints whose bank
-and calibration belong to their networks are used: a checkpoint saved on preemption
-(networks and data position only) is skipped by 'latest' and refused by step number.
+calibration and the run's config, checked and turned into its specs, whose score_lambda,
+dtype, eval_batch_size and eval_protocol the `eval` and `score` modes use (`restore`).
+Only checkpoints whose bank and calibration belong to their networks are used: a
+checkpoint saved on preemption (networks and data position only) is skipped by 'latest'
+and refused by step number.
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ import numpy as np
 
 from skipganomaly_jax import config as config_lib
 from skipganomaly_jax.data import input_pipeline
+from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.parallel import make_mesh
 from skipganomaly_jax.reporting import outputs, overlays
 from skipganomaly_jax.scoring import evaluation, localisation, metrics
@@ -34,15 +36,17 @@ class TrainedModel:
   Attributes:
     params: the `score_fn` variables (with 'knn_bank' for the latent k-NN score), on
       this process's first device.
-    config: the run's ConfigDict (fields under their current names).
+    config: the run's ConfigDict (fields under their current names, all present).
+    specs: its checked specs (what the lower layers take).
     calibration: the calibration fitted on the validation normals for these networks.
     step: the checkpoint's training step.
     history: the evaluation reports stored with the checkpoint.
-    scorer: the dataset scorer of the run's config (its lambda, dtype, eval batch).
+    scorer: the dataset scorer of the run's specs (its lambda, dtype, eval batch).
   """
 
   params: dict
   config: ml_collections.ConfigDict
+  specs: config_lib.RunSpecs
   calibration: metrics.Calibration | None  # None only for weights imported uncalibrated.
   step: int
   history: list
@@ -133,13 +137,16 @@ def restore(workdir: str, which='latest') -> TrainedModel:
   params = {'generator': _variables(state['g']), 'discriminator': _variables(state['d'])}
   if 'knn_bank' in state:
     params['knn_bank'] = state['knn_bank']
+  specs = config_lib.specs(config)
+  mesh = make_mesh(jax.local_devices()[:1])
   return TrainedModel(
     params=params,
     config=config,
+    specs=specs,
     calibration=meta['calibration'] and metrics.Calibration.from_dict(meta['calibration']),
     step=step,
     history=list(meta.get('history', [])),
-    scorer=evaluation.make_scorer(config, make_mesh(jax.local_devices()[:1])),
+    scorer=evaluation.make_scorer(ModelSpec.from_settings(specs.model), specs.score, mesh),
   )
 
 
@@ -188,19 +195,20 @@ def evaluate_checkpoint(workdir: str, which='latest') -> dict:
     The new report.
   """
   model = restore(workdir, which)
-  splits = input_pipeline.load_splits(model.config)
+  specs = model.specs
+  splits = input_pipeline.load_splits(specs.data)
   variables = model.params
   if 'knn_bank' not in variables:  # A paper-score run: a bank to report latent k-NN too.
-    bank = evaluation.knn_bank(model.scorer, variables, splits.train, model.config)
+    bank = evaluation.knn_bank(model.scorer, variables, splits.train, specs.score)
     variables = {**variables, 'knn_bank': bank}
   report, calibration, test_scores = evaluation.evaluate(
-    model.scorer, variables, splits, model.config, model.calibration
+    model.scorer, variables, splits, specs.score, specs.localisation, model.calibration
   )
   epoch = model.history[-1].get('epoch') if model.history else None
   report = {**report, 'checkpoint': str(which), 'epoch': epoch, 'step': model.step}
   history = _previous_history(workdir, model.history) + [report]
-  outputs.write_all(workdir, splits, model.params, test_scores, history, calibration, model.config)
-  overlays.write_overlays(workdir, model.config, model.params, splits)
+  outputs.write_all(workdir, splits, model.params, test_scores, history, calibration, specs.score)
+  overlays.write_overlays(workdir, specs.localisation, model.params, splits)
   return report
 
 
@@ -223,15 +231,18 @@ def score_path(workdir: str, images_path: str, write_maps: bool = False, which='
       'skipganomaly_jax.import_reference ... --config=... with the data in place), or score '
       'with skipganomaly_jax.score_fn and your own threshold.'
     )
-  config = model.config
-  images, paths = input_pipeline.load_images(images_path, config.isize, config.nc)
+  specs = model.specs
+  images, paths = input_pipeline.load_images(images_path, specs.model.isize, specs.model.nc)
   local = None  # A map score: the run's smoothed maps and their image scores.
-  if config.score_kind in localisation.MAP_SCORE_KINDS:
-    local = localisation.score_images(config, model.params, images)
+  if specs.score.kind in localisation.MAP_SCORE_KINDS:
+    settings = specs.localisation
+    # 'rec+d' is in validation-normal units: the run's validation images are read again.
+    val = input_pipeline.load_splits(specs.data).val if settings.map == 'rec+d' else None
+    local = localisation.score_images(model.params, images, specs.score.kind, settings, val)
   scores = local['score'] if local else model.scorer(model.params, images)['score']
   csv_path = os.path.join(workdir, 'scores.csv')
   outputs.write_scores_csv(csv_path, paths, scores, model.calibration)
-  if write_maps:  # |x - G(x)| (no lambda in it), or the map score's own maps.
+  if write_maps:  # (x - G(x))^2 over channels (no lambda in it), or the map score's maps.
     maps = (
       local['anomaly_map']
       if local

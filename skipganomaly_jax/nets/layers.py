@@ -11,7 +11,7 @@ the conv y = conv(x, w) (C_in -> C_out at input size H): `conv` itself, its tran
 respect to the input `conv_t(dy, w)` and its kernel gradient `kernel_grad(x, dy)`.
 Conv = conv (grads conv_t, kernel_grad); ConvTranspose(x, k) = conv_t(x, kT) (grads conv,
 kernel_grad), kT = k flipped spatially, in/out swapped. Each op picks a method by shape at
-trace time (rule from timing every method of each op: `conv_layers.py --ops`):
+trace time (rule from timing every method of each op: `benchmarks/conv_layers.py --ops`):
 
   conv: 'im2col' (patches + dot; a plain matmul when the output is 1x1) if H <= 8, else
      'lax'.
@@ -22,23 +22,8 @@ trace time (rule from timing every method of each op: `conv_layers.py --ops`):
      C_in <= 4, else 'lax' (jax's vjp of the lax conv).
   Other convs (D's 'features', 'classifier'): a matmul when the output is 1x1, else lax.
 
-Measured (2 shared cores, noisy; batch 64, f32, median ms; benchmarks/conv_layers.py; plan
-= conv/conv_t/kernel_grad methods, for ConvT of the conv at twice its input size):
-
-  layer (input size)   plan                     fwd: lax   auto  fwd+bwd: lax   auto
-  conv 3->64 @32       lax/lax/taps                  1.1    1.2           5.4    3.0
-  conv 64->128 @16     lax/lax/lax                   9.5    7.2          27.6   25.0
-  conv 128->256 @8     im2col/lax/lax                7.2    6.9          20.5   20.5
-  conv 256->512 @4     im2col/subpixel/im2col       10.1    6.7           263   23.3
-  conv 512->512 @2     im2col/overlap/im2col         137    1.0           225    5.7
-  conv 256->100 @4 D   matmul                        1.7    0.6           7.2    2.1
-  convT 512->512 @1    im2col/overlap/im2col        80.1    1.9           305    8.8
-  convT 1024->256 @2   im2col/subpixel/im2col        647   15.1           992   60.4
-  convT 512->128 @4    im2col/lax/lax               11.1   11.2           269   37.3
-  convT 256->64 @8     lax/lax/lax                  12.3   12.1           336   41.4
-  convT 128->3 @16     lax/lax/taps                  2.1    2.4          29.4    7.2
-  isize 64 adds e.g. convT 1024->512 @2: 2797 -> 46 (fwd), 4286 -> 129 (fwd+bwd).
-  Whole G (isize 32): forward 886 -> 79 ms; value_and_grad 2474 -> 286 ms.
+Per-layer timings of every plan (lax vs this module, forward and forward+backward) are
+measured by benchmarks/conv_layers.py; the table is in docs/results.md.
 
 'lax' forces plain `lax` ops with jax's autodiff (the reference; always used off CPU);
 'fast' forces the custom_vjp with the best non-lax method of each op (for tests).

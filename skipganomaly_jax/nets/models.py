@@ -13,8 +13,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from skipganomaly_jax.config import ALLOWED_NC
+from skipganomaly_jax import config as config_lib
+from skipganomaly_jax.config import ModelSettings, check_drop_outer_skips, check_geometry
 from skipganomaly_jax.nets import layers
+
+__all__ = [
+  'BatchNorm',
+  'Discriminator',
+  'Generator',
+  'ModelSpec',
+  'bn_scale_init',
+  'check_drop_outer_skips',
+  'check_geometry',
+  'reinit_params',
+]
 
 Dtype = Any
 
@@ -25,26 +37,6 @@ BN_EPSILON = 1e-5
 def bn_scale_init(key, shape, dtype=jnp.float32):
   """BatchNorm scale ~ N(1, 0.02), as the reference's `weights_init`."""
   return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
-
-
-def check_architecture(isize: int, nc: int) -> None:
-  """Raises ValueError unless isize is a power of two >= 32 and nc is 1 or 3."""
-  if not isinstance(isize, int) or isize < 32 or isize & (isize - 1):
-    raise ValueError(
-      f'isize must be a power of two >= 32 (32, 64, 128, ...); got {isize!r}. '
-      'Resize your images or set config.isize accordingly.'
-    )
-  if nc not in ALLOWED_NC:
-    raise ValueError(f'nc (image channels) must be 1 or 3; got {nc!r}.')
-
-
-def check_drop_outer_skips(drop_outer_skips: int, levels: int) -> None:
-  """Raises ValueError unless 0 <= drop_outer_skips <= levels - 1 (the number of skips)."""
-  if not isinstance(drop_outer_skips, int) or not 0 <= drop_outer_skips <= levels - 1:
-    raise ValueError(
-      f'model.drop_outer_skips must be an integer in [0, {levels - 1}] (the U-Net has '
-      f'{levels - 1} skip connections at this isize); got {drop_outer_skips!r}.'
-    )
 
 
 class BatchNorm(nn.Module):
@@ -140,7 +132,7 @@ class Generator(nn.Module):
     The code is the innermost encoder output, (N, 8 * ngf) (1x1 spatially): the
     bottleneck that the latent k-NN score compares (scoring.py).
     """
-    check_architecture(self.isize, self.nc)
+    check_geometry(self.isize, self.nc)
     levels = int(math.log2(self.isize))
     check_drop_outer_skips(self.drop_outer_skips, levels)
     widths = [self.ngf * min(2**i, 8) for i in range(levels)]
@@ -198,7 +190,7 @@ class Discriminator(nn.Module):
       stat_updates: EMA updates of the running statistics in train mode (2 for the
         reconstruction in the reference's step, which runs D on it twice; see train_step).
     """
-    check_architecture(self.isize, self.nc)
+    check_geometry(self.isize, self.nc)
     h = layers.Conv(self.ndf, dtype=self.dtype, impl=self.conv_impl, name='conv_0')(
       x.astype(self.dtype)
     )
@@ -233,7 +225,11 @@ class Discriminator(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """The hyper-parameters that fix both networks' shapes."""
+  """The hyper-parameters that fix both networks' shapes, and how their convs compute.
+
+  A run builds it from its checked `config.ModelSettings` (`from_settings`); a trained
+  model's is read back from its variables (`from_variables`).
+  """
 
   isize: int = 32
   nc: int = 3
@@ -244,19 +240,18 @@ class ModelSpec:
   drop_outer_skips: int = 0  # Outermost U-Net skips removed (0 = the paper's G).
 
   def __post_init__(self):
-    check_architecture(self.isize, self.nc)
+    check_geometry(self.isize, self.nc)
     check_drop_outer_skips(self.drop_outer_skips, int(math.log2(self.isize)))
 
   @classmethod
+  def from_settings(cls, settings: ModelSettings, conv_impl: str = 'auto') -> 'ModelSpec':
+    """The networks of a run's checked model settings (`config.specs(cfg).model`)."""
+    return cls(**dataclasses.asdict(settings), conv_impl=conv_impl)
+
+  @classmethod
   def from_config(cls, config) -> 'ModelSpec':
-    return cls(
-      isize=config.isize,
-      nc=config.nc,
-      ngf=config.model.ngf,
-      ndf=config.model.ndf,
-      nz=config.model.nz,
-      drop_outer_skips=config.model.get('drop_outer_skips', 0),
-    )
+    """For the top of a program: the model settings of a whole run config, checked."""
+    return cls.from_settings(config_lib.specs(config).model)
 
   @classmethod
   def from_variables(cls, variables) -> 'ModelSpec':

@@ -13,7 +13,8 @@ import sys
 from absl import flags
 from absl import logging as absl_logging
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# The package root (this file is in its reporting/ subpackage).
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 class OwnInfoOnly(logging.Filter):

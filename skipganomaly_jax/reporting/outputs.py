@@ -8,6 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from skipganomaly_jax.config import ScoreSpec
 from skipganomaly_jax.data.images import to_float
 from skipganomaly_jax.reporting import plots
 from skipganomaly_jax.scoring import metrics
@@ -29,7 +30,7 @@ SCORE_NOTE = (
 )
 
 
-def _summary(history: list, calibration, abnormal_name: str, config) -> dict:
+def _summary(history: list, calibration, abnormal_name: str, score: ScoreSpec) -> dict:
   """The content of metrics.json."""
   return {
     'final': history[-1],
@@ -37,9 +38,9 @@ def _summary(history: list, calibration, abnormal_name: str, config) -> dict:
     'calibration': calibration.to_dict(),
     'abnormal_class': abnormal_name,
     'protocol': PROTOCOL_NOTE,
-    'score_kind': config.score_kind,
-    'score_lambda': config.score_lambda,
-    'eval_protocol': config.eval_protocol,
+    'score_kind': score.kind,
+    'score_lambda': score.lam,
+    'eval_protocol': score.eval_protocol,
     'score': SCORE_NOTE,
   }
 
@@ -51,7 +52,7 @@ def write_all(
   test_scores: np.ndarray,
   history: list,
   calibration: metrics.Calibration,
-  config,
+  score: ScoreSpec,
 ) -> dict:
   """Writes metrics.json, roc.png, score_histogram.png and reconstructions.png.
 
@@ -62,7 +63,7 @@ def write_all(
     test_scores: its scores of `splits.test` (from the run's own scorer).
     history: the evaluation reports; the last one is 'final'.
     calibration: the model's calibration.
-    config: the run's config (score_kind, score_lambda, eval_protocol are recorded).
+    score: the run's score spec (its kind, lambda and eval_protocol are recorded).
 
   Returns:
     The paths written, by name.
@@ -75,7 +76,7 @@ def write_all(
   }
   final = history[-1]
   with open(paths['metrics.json'], 'w') as f:
-    json.dump(_summary(history, calibration, splits.abnormal_name, config), f, indent=2)
+    json.dump(_summary(history, calibration, splits.abnormal_name, score), f, indent=2)
   title = f'abnormal: {splits.abnormal_name}, AUROC {final["auroc"]:.3f}'
   plots.save_roc_curve(paths['roc.png'], labels, test_scores, title)
   plots.save_score_histogram(

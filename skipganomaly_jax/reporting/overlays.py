@@ -68,18 +68,17 @@ def save_overlays(path, images, maps, masks, titles, vmax: float | None = None) 
   fig.savefig(path, format='png', dpi=100)
 
 
-def write_overlays(workdir: str, config, variables, splits) -> str | None:
+def write_overlays(workdir: str, settings: localisation.Settings, variables, splits) -> str | None:
   """Writes workdir/localisation.png for a few test images; None without masks.
 
   Args:
     workdir: the run's folder.
-    config: reads localisation settings.
+    settings: the run's localisation settings.
     variables: host copies of the scoring variables.
     splits: the run's `DataSplits` (with test_masks).
   """
   if splits.test_masks is None:
     return None
-  settings = localisation.Settings.from_config(config)
   kinds = mvtec.defect_kinds(splits)
   idx = pick(splits.test_labels, kinds, settings.num_overlays)
   d_levels = settings.d_levels if settings.map == 'rec+d' else 0

@@ -115,7 +115,8 @@ def save_reconstruction_grid(
     images: (N, H, W, C) floats in [-1, 1], C = 1 or 3.
     reconstructions: generator outputs, same shape as `images`.
     anomaly_maps: (N, H, W) or (N, H, W, 1) per-pixel anomaly maps (e.g. mean over
-      channels of |x - x_hat|), drawn with the 'hot' colormap on one shared scale.
+      channels of (x - x_hat)^2, `scores.anomaly_map`), drawn with the 'hot' colormap
+      on one shared scale.
     labels: (N,) 0 (normal) / 1 (abnormal).
     scores: (N,) anomaly scores, shown above each column.
     num_per_class: how many normal and how many abnormal images to show (the first ones).

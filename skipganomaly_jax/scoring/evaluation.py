@@ -7,7 +7,7 @@ code's evaluation for side-by-side comparison only: BatchNorm in training mode o
 unshuffled, normal-first batches of 64, running statistics left untouched. Both compute
 `scoring.score_terms`, the one definition of the scores.
 
-`make_scorer` builds the scorer a run's config asks for (its lambda, compute dtype and
+`make_scorer` builds the scorer a run's specs ask for (its lambda, compute dtype and
 evaluation batch), and `evaluate` is the one evaluation of a model (calibration on the
 validation normals, test metrics of both scores, the reference protocol on request), used
 by training and by `--mode=eval` alike. Both can stop between batches when asked
@@ -23,7 +23,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from skipganomaly_jax.config import compute_dtype
+from skipganomaly_jax.config import (
+  LocalisationSpec,
+  ScoreSpec,
+  check_batch_divisible,
+  compute_dtype,
+)
 from skipganomaly_jax.data.batches import eval_batches
 from skipganomaly_jax.data.images import check_batch_shape, to_float
 from skipganomaly_jax.nets.models import ModelSpec
@@ -48,10 +53,7 @@ class DatasetScorer:
   def __init__(
     self, spec: ModelSpec, mesh: Mesh, global_batch_size: int, lam: float, dtype=jnp.float32
   ):
-    if global_batch_size % mesh.size:
-      raise ValueError(
-        f'eval_batch_size {global_batch_size} must be a multiple of the device count {mesh.size}.'
-      )
+    check_batch_divisible(global_batch_size, mesh.size, 'eval_batch_size')
     self.mesh, self.global_batch_size = mesh, global_batch_size
     self.spec, self.lam, self.dtype = spec, lam, dtype
 
@@ -127,15 +129,9 @@ class Interrupted(Exception):
   """A stop (a preemption notice) was requested between evaluation batches."""
 
 
-def make_scorer(config, mesh: Mesh) -> DatasetScorer:
-  """The dataset scorer of a run's config: its score_lambda, dtype and eval_batch_size."""
-  return DatasetScorer(
-    ModelSpec.from_config(config),
-    mesh,
-    config.eval_batch_size,
-    config.score_lambda,
-    compute_dtype(config),
-  )
+def make_scorer(spec: ModelSpec, score: ScoreSpec, mesh: Mesh) -> DatasetScorer:
+  """The dataset scorer of a run: its networks, lambda, compute dtype and eval batch."""
+  return DatasetScorer(spec, mesh, score.eval_batch_size, score.lam, compute_dtype(score.dtype))
 
 
 def _check(should_stop) -> None:
@@ -181,8 +177,8 @@ def _reference_auroc(scorer: DatasetScorer, variables, splits, stop) -> float:
   return metrics.auroc(splits.test_labels, np.concatenate(scores))
 
 
-def knn_bank(scorer: DatasetScorer, variables, train: np.ndarray, config, stop=None):
-  """Unit-norm bottleneck codes of (up to config.knn_bank_size) training normals.
+def knn_bank(scorer: DatasetScorer, variables, train: np.ndarray, score: ScoreSpec, stop=None):
+  """Unit-norm bottleneck codes of (up to score.knn_bank_size) training normals.
 
   Eval-mode BatchNorm, the model being evaluated; a seeded subset when the training set
   is larger than the cap. Validation and test images are never in the bank.
@@ -193,53 +189,63 @@ def knn_bank(scorer: DatasetScorer, variables, train: np.ndarray, config, stop=N
   Raises:
     Interrupted: `stop()` returned True between batches.
   """
-  cap = config.knn_bank_size
+  cap = score.knn_bank_size
   if len(train) > cap:
-    pick = np.random.default_rng([config.seed, 2]).choice(len(train), cap, replace=False)
+    pick = np.random.default_rng([score.seed, 2]).choice(len(train), cap, replace=False)
     train = train[np.sort(pick)]
   codes = score_dataset(scorer, variables, train, ('code',), stop)['code']
   return np.asarray(normalise_codes(codes))
 
 
-def evaluate(scorer: DatasetScorer, variables, splits, config, calibration=None, stop=None):
+def evaluate(
+  scorer: DatasetScorer,
+  variables,
+  splits,
+  score: ScoreSpec,
+  localisation_spec: LocalisationSpec,
+  calibration=None,
+  stop=None,
+):
   """Evaluates one model: calibration on validation normals, metrics on the test set.
 
   Args:
-    scorer: `make_scorer(config, mesh)`.
+    scorer: `make_scorer(spec, score, mesh)`.
     variables: the scoring variables; with a 'knn_bank' the latent k-NN score is
       reported too (training always builds one).
     splits: the run's `DataSplits`.
-    config: the run's config (score_kind, threshold_percentile, eval_protocol).
+    score: the run's score spec (kind, threshold_percentile, eval_protocol).
+    localisation_spec: the run's localisation settings (maps, map scores).
     calibration: a stored calibration of this model; None fits it on `splits.val`.
     stop: see `score_dataset`.
 
   Returns:
     (report, calibration, test_scores): the report leads with 'paper_score_auroc' and
     (with a bank) 'latent_knn_auroc'; its 'auroc' etc., the calibration and the test
-    scores are of config.score_kind's score (a map score for 'map_max'/'map_topk');
+    scores are of score.kind's score (a map score for 'map_max'/'map_topk');
     with test masks or a map score, localisation's keys ('pixel_auroc', 'pro',
     'map_*_auroc', 'per_defect'); 'reference_protocol_auroc' when
-    config.eval_protocol == 'reference'.
+    score.eval_protocol == 'reference'.
 
   Raises:
     Interrupted: `stop()` returned True.
   """
-  key = 'score' if config.score_kind == 'latent_knn' else 'paper_score'
+  key = 'score' if score.kind == 'latent_knn' else 'paper_score'
   val_scores = score_dataset(scorer, variables, splits.val, stop=stop)[key]
   test, labels = score_dataset(scorer, variables, splits.test, stop=stop), splits.test_labels
   test_scores, report = test[key], {'paper_score_auroc': metrics.auroc(labels, test['paper_score'])}
   if 'knn_bank' in variables:  # 'score' is then the latent k-NN score.
     report['latent_knn_auroc'] = metrics.auroc(labels, test['score'])
-  if localisation.needed(config, splits):  # Map scores; pixel AUROC and PRO with masks.
+  if localisation.needed(score.kind, splits):  # Map scores; pixel AUROC, PRO with masks.
     _check(stop)
-    loc = localisation.evaluate(config, jax.device_get(variables), splits)
+    host = jax.device_get(variables)
+    loc = localisation.evaluate(host, splits, score.kind, localisation_spec)
     report.update(loc.report)
     if loc.test_scores is not None:  # A map score is the run's score.
       val_scores, test_scores = loc.val_scores, loc.test_scores
   if calibration is None:
-    calibration = metrics.Calibration.fit(val_scores, config.threshold_percentile)
+    calibration = metrics.Calibration.fit(val_scores, score.threshold_percentile)
   report.update(metrics.evaluate(labels, test_scores, calibration))
-  report.update(score_kind=config.score_kind, val_score=float(np.mean(val_scores)))
-  if config.eval_protocol == 'reference':
+  report.update(score_kind=score.kind, val_score=float(np.mean(val_scores)))
+  if score.eval_protocol == 'reference':
     report['reference_protocol_auroc'] = _reference_auroc(scorer, variables, splits, stop)
   return report, calibration, test_scores

@@ -3,7 +3,8 @@
 The map is built from the paper's two terms, per pixel, with eval-mode BatchNorm:
 
 - 'rec': the reconstruction error (x - G(x))^2, averaged over channels, at the input
-  resolution (the per-pixel form of the paper's rec term);
+  resolution (the per-pixel form of the paper's rec term; `scores.anomaly_map`, the
+  map that `score_maps` returns);
 - 'rec+d': rec / m_rec + d_weight * d / m_d, where d is the squared difference of D's
   feature maps of x and G(x) at its first `d_levels` levels (isize/2, isize/4, ...),
   averaged over channels and levels after bilinear upsampling to the input size, and
@@ -13,7 +14,8 @@ The map is built from the paper's two terms, per pixel, with eval-mode BatchNorm
 Then a Gaussian filter of standard deviation `sigma` pixels (0 = none; MVTec AD methods
 commonly use 4 px at 256 px input), and an image score from the map: 'map_max' (its
 maximum) or 'map_topk' (the mean of its top `topk_fraction` pixels), selectable as
-`config.score_kind`. Settings live in `config.localisation` (configs/default.py).
+`config.score_kind`. Settings: `Settings` (= config.LocalisationSpec, from
+config.localisation; configs/default.py).
 """
 
 import dataclasses
@@ -25,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from skipganomaly_jax.config import MAP_SCORE_KINDS
-from skipganomaly_jax.config import LocalisationSettings as Settings
+from skipganomaly_jax.config import LocalisationSpec as Settings
 from skipganomaly_jax.data import mvtec
 from skipganomaly_jax.data.batches import eval_batches
 from skipganomaly_jax.data.images import as_model_input
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.scoring import metrics, pixel_metrics
+from skipganomaly_jax.scoring.scores import anomaly_map
 
 CHUNK = 64  # Images per compiled call.
 
@@ -86,7 +89,7 @@ def _d_features(spec: ModelSpec, variables, x, levels: int) -> list:
 @functools.partial(jax.jit, static_argnames=('spec', 'd_levels'))
 def _terms(params, images, spec: ModelSpec, d_levels: int) -> dict:
   x_hat = spec.generator().apply(params['generator'], images, train=False)
-  out = {'rec': jnp.mean(jnp.square(images - x_hat), axis=-1)}
+  out = {'rec': anomaly_map(images, x_hat)}
   if d_levels:
     size = images.shape[:3]
     real = _d_features(spec, params['discriminator'], images, d_levels)
@@ -160,23 +163,26 @@ def anomaly_maps(params, images, settings: Settings, scale: dict | None = None) 
   return combine(map_terms(params, images, d_levels), settings, scale)
 
 
-def score_images(config, params, images) -> dict[str, np.ndarray]:
-  """{'score', 'anomaly_map'} of images with the run's map score (`--mode=score`).
+def score_images(params, images, kind: str, settings: Settings, val=None) -> dict:
+  """{'score', 'anomaly_map'} of images with a run's map score (`--mode=score`).
 
-  'rec+d' needs its validation scale: the run's validation images are read again
-  (config.dataset must still be readable); 'rec' needs nothing else.
+  Args:
+    params: `score_fn` variables.
+    images: (N, isize, isize, nc) images.
+    kind: the map score, 'map_max' or 'map_topk'.
+    settings: the run's localisation settings.
+    val: the run's validation images: 'rec+d' needs them for its scale ('rec' does not).
+
+  Raises:
+    ValueError: 'rec+d' without `val`.
   """
-  settings = Settings.from_config(config)
   scale = None
   if settings.map == 'rec+d':
-    from skipganomaly_jax.data import input_pipeline  # Lazy: only this path reads the dataset.
-
-    scale = term_scale(map_terms(params, input_pipeline.load_splits(config).val, settings.d_levels))
+    if val is None:
+      raise ValueError("map='rec+d' needs the run's validation images for its scale.")
+    scale = term_scale(map_terms(params, val, settings.d_levels))
   maps = anomaly_maps(params, images, settings, scale)
-  return {
-    'score': image_scores(maps, config.score_kind, settings.topk_fraction),
-    'anomaly_map': maps,
-  }
+  return {'score': image_scores(maps, kind, settings.topk_fraction), 'anomaly_map': maps}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -192,9 +198,9 @@ class Result:
   test_maps: np.ndarray | None = None
 
 
-def needed(config, splits) -> bool:
-  """True when the run uses a map score or its test set has masks."""
-  return config.score_kind in MAP_SCORE_KINDS or splits.test_masks is not None
+def needed(kind: str, splits) -> bool:
+  """True when the run's score `kind` is a map score or its test set has masks."""
+  return kind in MAP_SCORE_KINDS or splits.test_masks is not None
 
 
 def _per_defect(splits, maps, scores) -> dict:
@@ -211,20 +217,20 @@ def _per_defect(splits, maps, scores) -> dict:
   return out
 
 
-def evaluate(config, variables, splits) -> Result:
+def evaluate(variables, splits, kind: str, settings: Settings) -> Result:
   """Maps of the validation and test images; pixel metrics when the test set has masks.
 
   Args:
-    config: reads score_kind and localisation.
     variables: host copies of the scoring variables.
     splits: the run's `DataSplits`.
+    kind: the run's score kind (config.score_kind).
+    settings: the run's localisation settings.
 
   Returns:
     A `Result`: report keys 'map_max_auroc', 'map_topk_auroc' and, with masks,
     'pixel_auroc', 'pro' (up to FPR 0.3) and 'per_defect'; val/test scores when
-    config.score_kind is a map score (they then replace the run's scores).
+    `kind` is a map score (they then replace the run's scores).
   """
-  settings = Settings.from_config(config)
   d_levels = settings.d_levels if settings.map == 'rec+d' else 0
   val_terms = map_terms(variables, splits.val, d_levels)
   scale = term_scale(val_terms)
@@ -234,16 +240,16 @@ def evaluate(config, variables, splits) -> Result:
   result = Result(report=report, test_maps=maps)
   if splits.test_masks is not None:
     report.update(pixel_metrics.evaluate_pixels(maps, splits.test_masks))
-    report['per_defect'] = _per_defect(splits, maps, scores[_map_kind(config)])
-  if config.score_kind in MAP_SCORE_KINDS:
+    report['per_defect'] = _per_defect(splits, maps, scores[_map_kind(kind)])
+  if kind in MAP_SCORE_KINDS:
     val_maps = combine(val_terms, settings, scale)
-    result.val_scores = image_scores(val_maps, config.score_kind, settings.topk_fraction)
-    result.test_scores = scores[config.score_kind]
+    result.val_scores = image_scores(val_maps, kind, settings.topk_fraction)
+    result.test_scores = scores[kind]
   return result
 
 
-def _map_kind(config) -> str:
-  return config.score_kind if config.score_kind in MAP_SCORE_KINDS else 'map_max'
+def _map_kind(kind: str) -> str:
+  return kind if kind in MAP_SCORE_KINDS else 'map_max'
 
 
 def summary(report: dict) -> str:

@@ -11,9 +11,8 @@ see docs/deviations.md):
   k = 5 nearest codes of training normals ("knn_bank", stored with the checkpoint):
   1 - mean of the 5 largest cosine similarities. Why: on real MNIST digits the paper's
   score ranks by how much ink an image has more than by what it shows (the U-Net's skips
-  let G copy anomalies too), mean AUROC 0.61 over 10 digits; the same trained models
-  ranked by latent k-NN reach 0.88 (benchmarks/results/quality.md; a k-NN on raw pixels
-  reaches 0.91 there: on small digits the networks add nothing over pixels).
+  let G copy anomalies too), and the same trained models rank better by latent k-NN;
+  the measurements, with a raw-pixel k-NN baseline, are in docs/results.md.
 
 `params` is one pytree, `{'generator': {'params', 'batch_stats'}, 'discriminator':
 {...}}` plus, for the latent k-NN score, `'knn_bank'`: (M, code) unit-norm codes. The
@@ -34,14 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from skipganomaly_jax.config import DEFAULT_LAMBDA, KNN_K
 from skipganomaly_jax.data.batches import eval_batches
 from skipganomaly_jax.data.images import as_model_input
 from skipganomaly_jax.nets.models import ModelSpec
 
-# lam of the paper score, 0.9 as in the paper. The one definition: the config's
-# score_lambda, the metrics notes and the score functions' defaults all read it.
-DEFAULT_LAMBDA = 0.9
-KNN_K = 5  # Neighbours averaged by the latent k-NN score; fixed a priori, never tuned.
+# DEFAULT_LAMBDA (lam of the paper score, 0.9 as in the paper) and KNN_K (the latent
+# k-NN score's neighbours, fixed a priori, never tuned) are defined in config/fields.py, beside
+# the config fields they bound; the score functions' defaults read them from there.
 MAX_CHUNK = 256  # Images per compiled call; bounds memory and the number of compilations.
 
 
@@ -100,6 +99,20 @@ def knn_distance(codes, bank, k: int = KNN_K):
   return 0.5 * jnp.mean(jnp.sum(jnp.square(differences), axis=-1), axis=-1)
 
 
+def anomaly_map(images, reconstructions):
+  """The per-pixel anomaly map: (x - G(x))^2 averaged over channels, shape (N, H, W).
+
+  The one definition of the map: `score_maps` and `score_details` return it, and
+  localisation's 'rec' map (pixel AUROC, PRO, the map scores) is it, smoothed. Its mean
+  over pixels is the paper score's rec term.
+
+  Args:
+    images: (N, H, W, C) float images in [-1, 1].
+    reconstructions: G's (N, H, W, C) reconstructions of them.
+  """
+  return jnp.mean(jnp.square(images - reconstructions), axis=-1)
+
+
 def score_terms(
   params,
   images,
@@ -142,7 +155,7 @@ def score_terms(
   out = {'score': score, 'paper_score': paper, 'rec': rec, 'lat': lat, 'code': code}
   if return_maps:
     out['reconstruction'] = x_hat
-    out['anomaly_map'] = jnp.mean(jnp.abs(images - x_hat), axis=-1)
+    out['anomaly_map'] = anomaly_map(images, x_hat)
   return out
 
 
@@ -193,7 +206,8 @@ def score_details(
     images: (N, isize, isize, nc) NHWC, any N >= 0; see `score_fn` for the value range.
     lam: weight of the reconstruction term of the paper score.
     return_maps: also return 'reconstruction' (N, H, W, C) and 'anomaly_map' (N, H, W),
-      the per-pixel mean over channels of |x - G(x)|. A Python bool.
+      the per-pixel squared error (x - G(x))^2 averaged over channels (`anomaly_map`).
+      A Python bool.
     value_range: 'auto' or (low, high); see `score_fn`.
     chunk: most images per compiled call. Batches are padded to a power of two (at most
       `chunk`), so any N compiles at most log2(chunk) + 1 programs. Under jax.jit the
@@ -249,7 +263,8 @@ def score_fn(
     images: (N, isize, isize, nc) NHWC, uint8 or float (see above); any N >= 0 (an
       empty batch gives empty results).
     lam: weight of the reconstruction term of the paper score (0.9 as in the paper).
-    return_maps: if True, also return per-pixel anomaly maps (N, isize, isize).
+    return_maps: if True, also return per-pixel anomaly maps (N, isize, isize): the
+      squared error (x - G(x))^2 averaged over channels (see `score_maps`).
     value_range: 'auto' or the (low, high) range of the images' values (see above).
 
   Returns:
@@ -267,6 +282,11 @@ def score_fn(
 
 def score_maps(params, images, *, lam: float = DEFAULT_LAMBDA, value_range='auto'):
   """(scores (N,), anomaly maps (N, isize, isize)): `score_fn` with maps, jittable as is.
+
+  The map of an image is its per-pixel squared reconstruction error, (x - G(x))^2
+  averaged over channels, on the [-1, 1] scale and unsmoothed (`anomaly_map`): the same
+  map as localisation's 'rec' map, whose pixel AUROC, PRO and map scores a run reports
+  (those smooth it with config.localisation.sigma). No lambda enters it.
 
   Arguments, checks and behaviour under jax.jit as `score_fn`.
   """

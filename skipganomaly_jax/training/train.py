@@ -26,7 +26,6 @@ from absl import logging
 
 from skipganomaly_jax import config as config_lib
 from skipganomaly_jax.data import input_pipeline
-from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.parallel import make_mesh, replicate, shard_batch
 from skipganomaly_jax.reporting import outputs, overlays
 from skipganomaly_jax.reporting.metric_writer import MetricWriter
@@ -42,12 +41,17 @@ class DivergenceError(FloatingPointError):
 
 @dataclasses.dataclass
 class TrainingContext:
-  """Everything fixed for one run: data, mesh, compiled functions, writers."""
+  """Everything fixed for one run: its specs, data, mesh, compiled functions, writers.
+
+  `config` is kept only to be stored with each checkpoint; everything below the top
+  reads `specs`.
+  """
 
   config: object
+  specs: config_lib.RunSpecs
   workdir: str
   mesh: object
-  spec: ModelSpec
+  step_spec: training_step.StepSpec
   splits: input_pipeline.DataSplits
   train_iter: input_pipeline.TrainIterator  # Or its DeviceTrainIterator subclass.
   steps_per_epoch: int
@@ -58,39 +62,32 @@ class TrainingContext:
 
 
 def setup(config, workdir: str) -> TrainingContext:
-  """Loads the data, builds the mesh and the compiled step; checks the config."""
-  config_lib.validate(config)
-  spec = ModelSpec.from_config(config)
+  """Checks the config (every field, before any data is read), loads the data, builds
+  the mesh and the compiled step."""
   mesh = make_mesh()
-  if config.batch_size % mesh.size:
-    raise ValueError(
-      f'config.batch_size={config.batch_size} must be a multiple of the '
-      f'number of devices ({mesh.size}).'
-    )
-  splits = input_pipeline.load_splits(config)
-  if len(splits.val) == 0:
-    raise ValueError(
-      'No validation images: set config.dataset.val_fraction > 0; the '
-      'calibration (threshold) is fitted on them, never on the test set.'
-    )
+  specs = config_lib.specs(config, devices=mesh.size)
+  step_spec = training_step.StepSpec.from_specs(specs)
+  splits = input_pipeline.load_splits(specs.data)
+  run = specs.train
   train_iter = input_pipeline.train_iterator(
-    splits.train, config.batch_size, config.seed, mesh, config.get('device_data', 'auto')
+    splits.train, run.batch_size, run.seed, mesh, run.device_data
   )
   steps = train_iter.steps_per_epoch
-  if config.max_steps_per_epoch:
-    steps = min(steps, config.max_steps_per_epoch)
+  if run.max_steps_per_epoch:
+    steps = min(steps, run.max_steps_per_epoch)
   return TrainingContext(
     config=config,
+    specs=specs,
     workdir=workdir,
     mesh=mesh,
-    spec=spec,
+    step_spec=step_spec,
     splits=splits,
     train_iter=train_iter,
     steps_per_epoch=steps,
-    step_fn=training_step.make_parallel_train_step(config, mesh),
-    scorer=evaluation.make_scorer(config, mesh),
+    step_fn=training_step.make_parallel_train_step(step_spec, mesh),
+    scorer=evaluation.make_scorer(step_spec.model, specs.score, mesh),
     checkpointer=checkpointing.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), keep_latest=config.keep_checkpoints
+      os.path.join(workdir, 'checkpoints'), keep_latest=run.keep_checkpoints
     ),
     writer=MetricWriter(workdir, enabled=jax.process_index() == 0),
   )
@@ -99,7 +96,8 @@ def setup(config, workdir: str) -> TrainingContext:
 def restore_or_init(ctx: TrainingContext):
   """The latest checkpoint's states, k-NN bank and meta; or fresh states, None, {}."""
   init = replicate(
-    training_step.create_train_states(ctx.config, jax.random.key(ctx.config.seed)), ctx.mesh
+    training_step.create_train_states(ctx.step_spec, jax.random.key(ctx.specs.train.seed)),
+    ctx.mesh,
   )
   if ctx.checkpointer.latest_step() is None:
     return init, None, {}
@@ -122,7 +120,7 @@ def build_knn_bank(ctx: TrainingContext, variables, stop=None):
   Raises:
     evaluation.Interrupted: `stop()` returned True between batches.
   """
-  bank = evaluation.knn_bank(ctx.scorer, variables, ctx.splits.train, ctx.config, stop)
+  bank = evaluation.knn_bank(ctx.scorer, variables, ctx.splits.train, ctx.specs.score, stop)
   return replicate(bank, ctx.mesh)
 
 
@@ -144,7 +142,7 @@ def check_and_log(ctx: TrainingContext, pending: list, pbar, tick: float) -> Non
         f'{ctx.checkpointer.directory} is intact; try a lower --config.optim.lr.'
       )
   means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-  means['images_per_second'] = len(pending) * ctx.config.batch_size / max(seconds, 1e-9)
+  means['images_per_second'] = len(pending) * ctx.specs.train.batch_size / max(seconds, 1e-9)
   ctx.writer.write_scalars(steps[-1], means, prefix='train/')
   if pbar is not None:
     pbar.set_postfix(
@@ -161,13 +159,13 @@ def train_epoch(ctx: TrainingContext, g, d, step: int, stop: PreemptionFlag):
   steps are in flight (each dispatch waits for the step before the previous one), so
   stopping never waits for a long queue of dispatched steps.
   """
-  key = jax.random.key(ctx.config.seed)
+  key = jax.random.key(ctx.specs.train.seed)
   position = ctx.train_iter.get_state()
   pending, tick = [], time.perf_counter()
   with tqdm.tqdm(
     total=ctx.steps_per_epoch,
     initial=position['step_in_epoch'],
-    desc=f'epoch {position["epoch"] + 1}/{ctx.config.num_epochs}',
+    desc=f'epoch {position["epoch"] + 1}/{ctx.specs.train.num_epochs}',
     leave=False,
     dynamic_ncols=True,
     disable=jax.process_index() != 0,
@@ -184,7 +182,7 @@ def train_epoch(ctx: TrainingContext, g, d, step: int, stop: PreemptionFlag):
       pending.append((step, m))
       pbar.update(1)
       last = i + 1 == ctx.steps_per_epoch
-      if len(pending) >= ctx.config.log_every_steps or last:
+      if len(pending) >= ctx.specs.train.log_every_steps or last:
         check_and_log(ctx, pending, pbar, tick)
         pending, tick = [], time.perf_counter()
       if not last and stop.requested():
@@ -200,7 +198,7 @@ def evaluate_epoch(ctx: TrainingContext, g, d, epoch: int, step: int, stop=None)
   Returns:
     (report, calibration, test_scores, knn_bank); the report leads with
     'paper_score_auroc' and 'latent_knn_auroc' (both scores, always), then 'auroc' etc.
-    of config.score_kind's score; knn_bank is None unless that is 'latent_knn'.
+    of the run's score kind; knn_bank is None unless that is 'latent_knn'.
 
   Raises:
     evaluation.Interrupted: `stop()` returned True between batches.
@@ -208,9 +206,9 @@ def evaluate_epoch(ctx: TrainingContext, g, d, epoch: int, step: int, stop=None)
   knn_bank = build_knn_bank(ctx, scoring_variables(g, d), stop)
   variables = scoring_variables(g, d, knn_bank)  # 'score' is then the latent k-NN one.
   report, calibration, test_scores = evaluation.evaluate(
-    ctx.scorer, variables, ctx.splits, ctx.config, stop=stop
+    ctx.scorer, variables, ctx.splits, ctx.specs.score, ctx.specs.localisation, stop=stop
   )
-  if ctx.config.score_kind != 'latent_knn':
+  if ctx.specs.score.kind != 'latent_knn':
     knn_bank = None  # The paper score's checkpoints and params carry no bank.
   report = {**report, 'epoch': epoch, 'step': step}  # Led by the scores' AUROCs.
   ctx.writer.write_scalars(
@@ -267,7 +265,7 @@ def _train_loop(ctx: TrainingContext, g, d, knn_bank, history: list, stop: Preem
         history.append(report)
         logging.info('epoch %d: %s', epoch, _summary(report))
         save(ctx, g, d, step, history, (knn_bank, calibration, report['val_score']))
-      elif epoch >= ctx.config.num_epochs:
+      elif epoch >= ctx.specs.train.num_epochs:
         return g, d, knn_bank, calibration, test_scores
       else:
         g, d, step, finished = train_epoch(ctx, g, d, step, stop)
@@ -284,7 +282,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (or resumes) a Skip-GANomaly model, evaluating after every epoch.
 
   Args:
-    config: a ConfigDict (see configs/default.py).
+    config: a ConfigDict (see configs/default.py); every field is checked first.
     workdir: where checkpoints, logs and outputs go; a workdir with checkpoints resumes.
 
   Returns:
@@ -299,7 +297,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     'Training from step %d, epoch %d of %d; SIGTERM saves a checkpoint, then exits.',
     int(jax.device_get(g.step)),
     ctx.train_iter.get_state()['epoch'] + 1,
-    config.num_epochs,
+    ctx.specs.train.num_epochs,
   )
   try:
     g, d, knn_bank, new_calibration, test_scores = _train_loop(ctx, g, d, knn_bank, history, stop)
@@ -308,16 +306,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     variables = scoring_variables(g, d, knn_bank)
     if test_scores is None and history:  # Resumed after the last epoch: score again.
       test_scores = ctx.scorer(variables, ctx.splits.test)['score']
-      if config.score_kind in localisation.MAP_SCORE_KINDS:
+      kind = ctx.specs.score.kind
+      if kind in localisation.MAP_SCORE_KINDS:
         host = jax.device_get(scoring_variables(g, d))
-        test_scores = localisation.evaluate(config, host, ctx.splits).test_scores
+        test_scores = localisation.evaluate(
+          host, ctx.splits, kind, ctx.specs.localisation
+        ).test_scores
     if history and jax.process_index() == 0:
       # Host copies: a jit over the global (all-process) arrays would have to run in
       # every process, but only process 0 plots.
+      host = jax.device_get(variables)
       outputs.write_all(
-        workdir, ctx.splits, jax.device_get(variables), test_scores, history, calibration, config
+        workdir, ctx.splits, host, test_scores, history, calibration, ctx.specs.score
       )
-      overlays.write_overlays(workdir, config, jax.device_get(variables), ctx.splits)
+      overlays.write_overlays(workdir, ctx.specs.localisation, host, ctx.splits)
   except evaluation.Interrupted:
     pass  # Saved; the checkpointer's close below waits for the write.
   finally:

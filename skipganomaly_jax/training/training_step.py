@@ -19,6 +19,7 @@ statistics are averaged over the mesh axis, so N devices with B/N images each eq
 one device with B images. State buffers are donated.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -29,7 +30,7 @@ from flax.training import train_state
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from skipganomaly_jax.config import compute_dtype
+from skipganomaly_jax.config import LossSpec, OptimSpec, RunSpecs, compute_dtype
 from skipganomaly_jax.nets.models import ModelSpec, reinit_params
 from skipganomaly_jax.parallel import AXIS
 from skipganomaly_jax.training import losses
@@ -41,33 +42,51 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What the train step needs: the networks, the loss weights, Adam, the compute dtype.
+
+  Hashable, so the jitted step closes over it as a static value.
+  """
+
+  model: ModelSpec = ModelSpec()
+  loss: LossSpec = LossSpec()
+  optim: OptimSpec = OptimSpec()
+  dtype: str = 'float32'
+
+  @classmethod
+  def from_specs(cls, specs: RunSpecs, conv_impl: str = 'auto') -> 'StepSpec':
+    """The step of a run's checked specs (`config.specs(cfg)`)."""
+    model = ModelSpec.from_settings(specs.model, conv_impl)
+    return cls(model, specs.loss, specs.optim, specs.train.dtype)
+
+
+def make_optimizer(optim: OptimSpec) -> optax.GradientTransformation:
   """Adam with the reference's constant learning rate and betas."""
-  return optax.adam(config.optim.lr, b1=config.optim.b1, b2=config.optim.b2)
+  return optax.adam(optim.lr, b1=optim.b1, b2=optim.b2)
 
 
 def create_train_states(
-  config, rng: jax.Array, tx: optax.GradientTransformation | None = None
+  spec: StepSpec, rng: jax.Array, tx: optax.GradientTransformation | None = None
 ) -> tuple[TrainState, TrainState]:
   """Initial generator and discriminator states (init of docs/method.md, Adam state).
 
   Args:
-    config: the run's ConfigDict (isize, nc, model.*, optim.*).
+    spec: the run's step spec (its networks and optimiser).
     rng: a PRNG key.
-    tx: optimizer for both networks (default: `make_optimizer(config)`).
+    tx: optimizer for both networks (default: `make_optimizer(spec.optim)`).
 
   Returns:
     (g_state, d_state).
   """
-  spec = ModelSpec.from_config(config)
-  g_model, d_model = spec.generator(), spec.discriminator()
-  dummy = jnp.zeros((1, spec.isize, spec.isize, spec.nc), jnp.float32)
+  g_model, d_model = spec.model.generator(), spec.model.discriminator()
+  dummy = jnp.zeros((1, spec.model.isize, spec.model.isize, spec.model.nc), jnp.float32)
   g_rng, d_rng = jax.random.split(rng)
   # Jitted: op-by-op initialisation compiles every layer separately (~30 s on CPU).
   g_vars = jax.jit(functools.partial(g_model.init, train=False))(g_rng, dummy)
   d_vars = jax.jit(functools.partial(d_model.init, train=False))(d_rng, dummy)
-  tx = make_optimizer(config) if tx is None else tx
-  # No apply_fn: the step builds its models from the config (with the mesh axis and
+  tx = make_optimizer(spec.optim) if tx is None else tx
+  # No apply_fn: the step builds its models from the spec (with the mesh axis and
   # compute dtype), so a stored model.apply would never be called.
   g_state = TrainState.create(
     apply_fn=None, params=g_vars['params'], batch_stats=g_vars['batch_stats'], tx=tx
@@ -78,11 +97,11 @@ def create_train_states(
   return g_state, d_state
 
 
-def _forward_and_losses(config, spec, axis_name, g_params, d_params, g_stats, d_stats, x):
+def _forward_and_losses(spec: StepSpec, axis_name, g_params, d_params, g_stats, d_stats, x):
   """One forward pass of G and D and both losses (each averaged over devices)."""
-  dtype = compute_dtype(config)
-  g_model = spec.generator(axis_name=axis_name, dtype=dtype)
-  d_model = spec.discriminator(axis_name=axis_name, dtype=dtype)
+  dtype = compute_dtype(spec.dtype)
+  g_model = spec.model.generator(axis_name=axis_name, dtype=dtype)
+  d_model = spec.model.discriminator(axis_name=axis_name, dtype=dtype)
   x_hat, g_new = g_model.apply(
     {'params': g_params, 'batch_stats': g_stats}, x, train=True, mutable=['batch_stats']
   )
@@ -100,7 +119,7 @@ def _forward_and_losses(config, spec, axis_name, g_params, d_params, g_stats, d_
     stat_updates=2,
     mutable=['batch_stats'],
   )
-  lc = config.loss
+  lc = spec.loss
   g_loss, g_terms = losses.generator_loss(
     x, x_hat, fake_logits, f_real, f_fake, lc.w_adv, lc.w_con, lc.w_lat
   )
@@ -125,7 +144,7 @@ def train_step(
   batch: jax.Array,
   rng: jax.Array,
   *,
-  config,
+  spec: StepSpec,
   axis_name: str | None = None,
 ):
   """One simultaneous update of G and D on a (per-device) batch.
@@ -135,15 +154,14 @@ def train_step(
     d_state: discriminator state.
     batch: images, NHWC float32 in [-1, 1] (this device's share of the global batch).
     rng: PRNG key, identical on all devices (feeds the D re-initialisation).
-    config: the run's ConfigDict (static).
+    spec: the run's step spec (static).
     axis_name: the mapped device axis, or None on a single device without mapping.
 
   Returns:
     (g_state, d_state, metrics): new states and scalar metrics (each loss term, total
     losses, D's mean output on real and reconstructed images, and `d_reinit` in {0, 1}).
   """
-  spec = ModelSpec.from_config(config)
-  forward = functools.partial(_forward_and_losses, config, spec, axis_name)
+  forward = functools.partial(_forward_and_losses, spec, axis_name)
   (g_loss, d_loss), vjp_fn, (g_stats, d_stats, metrics) = jax.vjp(
     lambda gp, dp: forward(gp, dp, g_state.batch_stats, d_state.batch_stats, batch),
     g_state.params,
@@ -159,7 +177,7 @@ def train_step(
   d_state = d_state.apply_gradients(grads=d_grads, batch_stats=d_stats)
   # The reference's guard against a collapsed D: re-initialise its weights (keeping its
   # running statistics and Adam state) when the pre-step D loss is tiny.
-  reinit = d_loss < config.loss.d_reinit_threshold
+  reinit = d_loss < spec.loss.d_reinit_threshold
   fresh = reinit_params(d_state.params, rng)
   d_params = jax.tree.map(lambda f, p: jnp.where(reinit, f, p), fresh, d_state.params)
   d_state = d_state.replace(params=d_params)
@@ -167,7 +185,7 @@ def train_step(
   return g_state, d_state, metrics
 
 
-def make_parallel_train_step(config, mesh: Mesh):
+def make_parallel_train_step(spec: StepSpec, mesh: Mesh):
   """`train_step` mapped over the mesh with shard_map, jitted, state buffers donated.
 
   Returns:
@@ -175,7 +193,7 @@ def make_parallel_train_step(config, mesh: Mesh):
     and rng are replicated and `batch` is a global array sharded over the batch axis
     (see `mesh.shard_batch`).
   """
-  per_device = functools.partial(train_step, config=config, axis_name=AXIS)
+  per_device = functools.partial(train_step, spec=spec, axis_name=AXIS)
   mapped = jax.shard_map(
     per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS), P()), out_specs=(P(), P(), P())
   )

@@ -1,15 +1,16 @@
 """One process of a data-parallel run on CPU devices (started by test_multiprocess.py).
 
-    python tests/multiprocess_check.py WORKDIR OUT_DIR NUM_PROCESSES PROCESS_ID DEVICES PORT
+    python tests/multiprocess_check.py WORKDIR OUT_DIR NUM_PROCESSES PROCESS_ID DEVICES PORT DIGITS
 
 Sets DEVICES CPU devices for this process, joins a `jax.distributed` job of
 NUM_PROCESSES processes on 127.0.0.1:PORT (if NUM_PROCESSES > 1; CPU collectives over
 gloo, JAX's default), then runs the product path:
 
-1. `train.train_and_evaluate` on the offline digits with a tiny model, 1 epoch of 2
-   steps: sharded steps, evaluation (DatasetScorer over 180 validation and 1,400 test
-   images, neither a multiple of the evaluation batch of 96), an Orbax checkpoint saved
-   by all processes, outputs written by process 0;
+1. `train.train_and_evaluate` on the test session's 500 offline digits (the .npz at
+   DIGITS, conftest.digits_npz) with a tiny model, 1 epoch of 2 steps: sharded steps,
+   evaluation (DatasetScorer over 18 validation and 140 test images, neither a multiple
+   of the evaluation batch of 16), an Orbax checkpoint saved by all processes, outputs
+   written by process 0;
 2. restores that checkpoint in all processes together (`train.setup` +
    `train.restore_or_init`, the resume path) and scores both sets again;
 3. writes OUT_DIR/process_<PROCESS_ID>.npz: the restored states' leaves and the scores.
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT / 'tests'))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-STEPS, EVAL_BATCH = 2, 96
+STEPS, EVAL_BATCH = 2, 16
 
 
 def allow_cache_writes_from_every_process() -> None:
@@ -54,11 +55,12 @@ def allow_cache_writes_from_every_process() -> None:
   compiler._cache_write = write_as_process_0
 
 
-def make_config():
-  """configs/demo.py with the tiny test model and latent k-NN score, 1 epoch of STEPS steps."""
-  from conftest import load_config, tiny  # noqa: PLC0415
+def make_config(digits: str):
+  """configs/demo.py with the tiny test model and latent k-NN score, 1 epoch of STEPS steps,
+  on the digits .npz at `digits`."""
+  from conftest import digits_config  # noqa: PLC0415
 
-  config = tiny(load_config('demo'))
+  config = digits_config(digits)
   config.score_kind = 'latent_knn'  # Its bank is built, stored and restored on every process.
   config.num_epochs, config.max_steps_per_epoch = 1, STEPS
   config.log_every_steps, config.eval_batch_size = 1, EVAL_BATCH
@@ -99,7 +101,13 @@ def restore_and_score(config, workdir: str) -> dict:
 
 
 def main(
-  workdir: str, out_dir: str, num_processes: int, process_id: int, devices: int, port: int
+  workdir: str,
+  out_dir: str,
+  num_processes: int,
+  process_id: int,
+  devices: int,
+  port: int,
+  digits: str,
 ) -> None:
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', devices)
@@ -116,7 +124,7 @@ def main(
 
   from skipganomaly_jax.training import train  # noqa: PLC0415
 
-  config = make_config()
+  config = make_config(digits)
   train.train_and_evaluate(config, workdir)
   out = restore_and_score(config, workdir)
   out['num_devices'] = np.asarray(jax.device_count())
@@ -125,4 +133,4 @@ def main(
 
 
 if __name__ == '__main__':
-  main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7]))
+  main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7]), sys.argv[7])

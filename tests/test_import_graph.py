@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module imports only from lower layers or its own package):
 
-  0 config.py, parallel.py          every allowed value and check; the device mesh
+  0 config/, parallel.py            every allowed value and check, the specs; the device mesh
   1 data/, nets/                    input, networks (neither imports the other)
   2 scoring/                        scores, metrics, calibration, localisation
   3 reporting/                      outputs, plots, overlays, logs
@@ -118,7 +118,7 @@ def test_imports_flow_down_the_layers_and_keep_private_names_private():
   [
     ('scoring/bad.py', 'from skipganomaly_jax.training import train', 'scoring (layer 2)'),
     ('nets/bad.py', 'from skipganomaly_jax.data import images', 'nets (layer 1)'),
-    ('config.py', 'from skipganomaly_jax.scoring import localisation', 'config (layer 0)'),
+    ('config/fields.py', 'from skipganomaly_jax.scoring import localisation', 'config (layer 0)'),
     ('deploy/bad.py', 'from skipganomaly_jax.scoring.scores import _x', 'private name'),
     ('deploy/bad.py', 'from skipganomaly_jax.scoring import scores\nscores._y', 'private name'),
   ],

@@ -14,14 +14,23 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE, ROOT
+from absl import app
+from conftest import (
+  DIGITS_TEST_ABNORMAL,
+  DIGITS_TEST_NORMAL,
+  DIGITS_VAL,
+  FAST_COMPILE,
+  ROOT,
+  main_in_process,
+)
 
 from skipganomaly_jax.deploy import trained_run
 from skipganomaly_jax.training import checkpointing
 
 CHECK = ROOT / 'tests' / 'multiprocess_check.py'
 TIMEOUT_S = 420  # All processes of both runs together (a cold compilation cache is slow).
-NUM_TEST, NUM_VAL = 1400, 180
+NUM_TEST, NUM_VAL = DIGITS_TEST_NORMAL + DIGITS_TEST_ABNORMAL, DIGITS_VAL  # conftest's digits.
+EVAL_BATCH = 16  # multiprocess_check.EVAL_BATCH
 
 
 def free_port() -> int:
@@ -37,7 +46,9 @@ def child_env() -> dict:
   return env
 
 
-def start(workdir: pathlib.Path, num_processes: int, devices: int, procs: list) -> None:
+def start(
+  workdir: pathlib.Path, num_processes: int, devices: int, digits: str, procs: list
+) -> None:
   """Starts the processes of one run (appended to procs); their output goes to files."""
   workdir.mkdir(parents=True, exist_ok=True)
   port = free_port()
@@ -51,6 +62,7 @@ def start(workdir: pathlib.Path, num_processes: int, devices: int, procs: list) 
       str(i),
       str(devices),
       str(port),
+      digits,
     ]
     with open(workdir / f'process_{i}.log', 'w') as log:
       procs.append(
@@ -83,13 +95,13 @@ def logs(workdir: pathlib.Path) -> str:
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, digits_npz):
   """(single, multi): output dirs of 1 process x 4 devices and 2 processes x 2 devices."""
   single, multi = tmp_path_factory.mktemp('single'), tmp_path_factory.mktemp('multi')
   procs = []
   try:
-    start(single, 1, 4, procs)
-    start(multi, 2, 2, procs)
+    start(single, 1, 4, digits_npz, procs)
+    start(multi, 2, 2, digits_npz, procs)
     wait_all(procs, TIMEOUT_S)
   finally:
     stop_all(procs)
@@ -146,14 +158,15 @@ def test_eval_scores_equal_single_process(runs):
   # in a code is ~1e-5 of the distance (measured max 1.8e-5).
   for split, n in (('val', NUM_VAL), ('test', NUM_TEST)):
     for name, rtol in ((f'{split}_paper_scores', 1e-5), (f'{split}_scores', 1e-4)):
-      assert n % 96 and multi[name].shape == (n,), name  # Padded last batch, unpadded.
+      assert n % EVAL_BATCH and multi[name].shape == (n,), name  # Padded last batch, unpadded.
       np.testing.assert_allclose(multi[name], single[name], rtol=rtol, err_msg=name)
 
 
 def test_metrics_json_equals_single_process(runs):
   single, multi = (json.loads((d / 'run' / 'metrics.json').read_text())['final'] for d in runs)
   assert multi['step'] == single['step'] == 2
-  assert multi['num_normal'] == 900 and multi['num_abnormal'] == 500
+  assert multi['num_normal'] == DIGITS_TEST_NORMAL
+  assert multi['num_abnormal'] == DIGITS_TEST_ABNORMAL
   for key in ('auroc', 'average_precision', 'threshold', 'val_score'):
     assert multi[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
 
@@ -186,18 +199,6 @@ def test_checkpoint_of_two_processes_loads_in_one(runs):
 
 
 def test_eval_and_score_modes_refuse_multi_process_flags(tmp_path):
-  proc = subprocess.run(
-    [
-      sys.executable,
-      str(ROOT / 'main.py'),
-      f'--workdir={tmp_path}',
-      '--mode=eval',
-      '--distributed',
-    ],
-    cwd=ROOT,
-    env=child_env(),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert proc.returncode != 0 and 'runs in a single process' in proc.stderr
+  with pytest.raises(app.UsageError, match='runs in a single process'):
+    main_in_process(f'--workdir={tmp_path}', '--mode=eval', '--distributed')
+  assert jax.process_count() == 1

@@ -43,17 +43,29 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.val_fraction = 0.05
 
   config.model = ml_collections.ConfigDict()
+  # 'skipganomaly' (the paper's U-Net G and DCGAN D) or 'ganomaly' (its baseline, Akcay
+  # et al. 2018: G = encoder -> decoder -> encoder, scored by the distance of the two
+  # codes; configs/ganomaly.py). Both train with the same step and score the same ways.
+  config.model.name = 'skipganomaly'
   config.model.ngf = 64  # Generator width of the first level.
-  config.model.ndf = 64  # Discriminator width of the first level.
-  config.model.nz = 100  # Discriminator feature (latent) size.
+  # Discriminator width of the first level (GANomaly: must equal ngf, its D is ngf wide).
+  config.model.ndf = 64
+  config.model.nz = 100  # Discriminator feature (latent) size; GANomaly: its codes' size.
   # Outermost U-Net skip connections removed from G (0 = the paper's U-Net, all skips).
   config.model.drop_outer_skips = 0
+  # GANomaly only: 3x3 conv + BatchNorm layers added at the first level of its encoders,
+  # decoder and D (the authors' --extralayers; 0 as in their paper). 0 for Skip-GANomaly.
+  config.model.extra_layers = 0
   config.dtype = 'float32'  # Compute dtype; 'bfloat16' for GPU/TPU (params stay float32).
 
   config.loss = ml_collections.ConfigDict()
   config.loss.w_adv = 1.0  # Adversarial loss weight (generator).
   config.loss.w_con = 50.0  # Contextual (L1 reconstruction) loss weight.
   config.loss.w_lat = 1.0  # Latent (L2 on D features) loss weight.
+  # GANomaly only: its encoder loss weight, L2 between the codes of x and of G(x) (its
+  # w_enc). GANomaly's adversarial term, which is the L2 on D features, takes w_adv and
+  # its contextual term w_con (the authors' names); w_lat and d_latent are Skip-GANomaly's.
+  config.loss.w_enc = 1.0
   config.loss.d_latent = True  # Add w_lat * latent loss to D's loss (the reference does).
   config.loss.d_reinit_threshold = 1e-5  # Re-initialise D when its loss falls below this.
 

@@ -62,11 +62,12 @@ def run(spec, tx, batches, seed):
   return out
 
 
-def main(global_batch: int, seed: int) -> None:
+def main(global_batch: int, seed: int, model: str = 'skipganomaly') -> None:
   sys.path.insert(0, 'configs')
   import default  # noqa: PLC0415
 
   config = default.get_config()
+  config.model.name = model  # 'skipganomaly' or 'ganomaly': the same step, either model.
   config.model.ngf, config.model.ndf, config.model.nz = 8, 8, 16
   config.nc = 3
   rng = np.random.default_rng(seed)
@@ -83,4 +84,4 @@ def main(global_batch: int, seed: int) -> None:
 
 
 if __name__ == '__main__':
-  main(int(sys.argv[1]), int(sys.argv[2]))
+  main(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:])

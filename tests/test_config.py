@@ -37,14 +37,17 @@ ROWS = [
   ('dataset.protocol', 'one-class', "one of ('one_class', 'ganomaly')"),
   ('dataset.seed', 1.5, 'an integer >= 0'),
   ('dataset.val_fraction', 0.0, 'a number in (0, 1)'),
+  ('model.name', 'GANomaly', "one of ('skipganomaly', 'ganomaly')"),
   ('model.ngf', 0, 'an integer >= 1'),
   ('model.ndf', -8, 'an integer >= 1'),
   ('model.nz', 16.0, 'an integer >= 1'),
   ('model.drop_outer_skips', 5, 'an integer in [0, 4] (the U-Net has 4 skip connections'),
+  ('model.extra_layers', -1, 'an integer >= 0 (GANomaly only'),
   ('dtype', 'float16', "one of ('float32', 'bfloat16')"),
   ('loss.w_adv', -1.0, 'a finite number >= 0'),
   ('loss.w_con', float('nan'), 'a finite number >= 0'),
   ('loss.w_lat', 'one', 'a finite number >= 0'),
+  ('loss.w_enc', -2.0, 'a finite number >= 0'),
   ('loss.d_latent', 1, 'True or False'),
   ('loss.d_reinit_threshold', -1e-5, 'a finite number >= 0'),
   ('optim.lr', -1.0, 'a finite number > 0'),
@@ -217,7 +220,9 @@ def stored_config_of_the_old_run() -> dict:
 def test_the_stored_config_of_an_old_run_loads():
   stored = stored_config_of_the_old_run()
   config = config_lib.from_stored(stored)
-  assert flat(config.to_dict()) == {**flat(stored)}
+  added = {'model.name': 'skipganomaly', 'model.extra_layers': 0, 'loss.w_enc': 1.0}
+  assert not set(added) & set(flat(stored))  # Fields added since that run: their defaults.
+  assert flat(config.to_dict()) == {**flat(stored), **added}
   specs = config_lib.specs(config)
   assert specs.model == config_lib.ModelSettings(isize=32, nc=1, ngf=4, ndf=4, nz=8)
   assert specs.score.kind == 'latent_knn' and specs.score.knn_bank_size == 64

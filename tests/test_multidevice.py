@@ -27,11 +27,12 @@ def run_check(*args) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope='module')
-def report():
+@pytest.fixture(scope='module', params=['skipganomaly', 'ganomaly'])
+def report(request):
+  """The check's report for each model (config.model.name): both share the step."""
   seed = int(os.environ.get('TEST_SEED') or 1)
   print(f'random seed: {seed} (rerun with TEST_SEED={seed})')
-  return run_check(16, seed)
+  return run_check(16, seed, request.param)
 
 
 def test_eight_devices_equal_one(report):

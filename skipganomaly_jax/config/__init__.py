@@ -10,7 +10,8 @@ value to set.
 
 - fields.py: `FIELDS`, the table of every field (its rule and default), the allowed
   values, and the checks that lower layers share (`check_geometry`,
-  `check_batch_divisible`, `check_drop_outer_skips`, `compute_dtype`).
+  `check_batch_divisible`, `check_drop_outer_skips`, `check_model_options`,
+  `compute_dtype`).
 - run_specs.py: the spec dataclasses, `validate`, `specs`, `from_stored`.
 """
 
@@ -27,6 +28,7 @@ from skipganomaly_jax.config.fields import (
   MAP_SCORE_KINDS,
   MAPS,
   MIN_ISIZE,
+  MODEL_NAMES,
   RENAMED_FIELDS,
   SCORE_KINDS,
   Field,
@@ -35,6 +37,7 @@ from skipganomaly_jax.config.fields import (
   check_drop_outer_skips,
   check_field,
   check_geometry,
+  check_model_options,
   checkpoint_selector,
   compute_dtype,
   d_feature_levels,
@@ -68,6 +71,7 @@ __all__ = [
   'MAPS',
   'MAP_SCORE_KINDS',
   'MIN_ISIZE',
+  'MODEL_NAMES',
   'RENAMED_FIELDS',
   'SCORE_KINDS',
   'DataSpec',
@@ -84,6 +88,7 @@ __all__ = [
   'check_drop_outer_skips',
   'check_field',
   'check_geometry',
+  'check_model_options',
   'checkpoint_selector',
   'compute_dtype',
   'd_feature_levels',

@@ -5,7 +5,8 @@ order): each field's rule, whose text is the words of its error message, and its
 `check_field` gives every error the same form: the field, the value, what is allowed and
 a value to set. The rules that lower layers also check on direct use live here once:
 the image geometry (`check_geometry`), a batch split over devices or processes
-(`check_batch_divisible`) and the U-Net's skips (`check_drop_outer_skips`).
+(`check_batch_divisible`), the U-Net's skips (`check_drop_outer_skips`) and the
+model fields that only one model has (`check_model_options`).
 """
 
 import dataclasses
@@ -18,6 +19,9 @@ import jax.numpy as jnp
 
 # Image scores computed from the networks' outputs and codes (scoring/scores.py).
 SCORE_KINDS = ('latent_knn', 'paper')
+# The models: Skip-GANomaly (the default, nets/models.py) and its baseline GANomaly
+# (nets/ganomaly.py), trained by the same step and scored by the same functions.
+MODEL_NAMES = ('skipganomaly', 'ganomaly')
 # Image scores computed from the anomaly map (scoring/localisation.py).
 MAP_SCORE_KINDS = ('map_max', 'map_topk')
 MAPS = ('rec', 'rec+d')
@@ -97,6 +101,11 @@ def isize_allowed(isize) -> bool:
 _BOOL = Rule('True or False', lambda v: isinstance(v, bool))
 _ISIZE = Rule(f'a power of two >= {MIN_ISIZE} ({MIN_ISIZE}, 64, 128, ...)', isize_allowed)
 _NC = _one_of(ALLOWED_NC, '1 or 3 (grayscale or RGB)')
+_EXTRA_LAYERS = Rule(
+  'an integer >= 0 (GANomaly only: 3x3 conv layers added at the first level of each of '
+  "its encoders, decoder and D, the authors' extralayers; 0 for Skip-GANomaly)",
+  lambda v: _is_int(v) and v >= 0,
+)
 _CLASS = Rule(
   "a class index or name as a non-empty string (e.g. '3' or 'automobile')",
   lambda v: (isinstance(v, str) and bool(v.strip())) or (_is_int(v) and v >= 0),
@@ -128,14 +137,17 @@ FIELDS: dict[str, Field] = {
   'dataset.protocol': Field(_one_of(DATASET_PROTOCOLS), 'one_class'),
   'dataset.seed': Field(_integer(0), 0),
   'dataset.val_fraction': Field(_number(0, 1, low_open=True, high_open=True), 0.05),
+  'model.name': Field(_one_of(MODEL_NAMES), 'skipganomaly'),
   'model.ngf': Field(_integer(1), 64),
   'model.ndf': Field(_integer(1), 64),
   'model.nz': Field(_integer(1), 100),
   'model.drop_outer_skips': Field(_integer(0), 0),
+  'model.extra_layers': Field(_EXTRA_LAYERS, 0),
   'dtype': Field(_one_of(DTYPES), 'float32'),
   'loss.w_adv': Field(_number(0), 1.0),
   'loss.w_con': Field(_number(0), 50.0),
   'loss.w_lat': Field(_number(0), 1.0),
+  'loss.w_enc': Field(_number(0), 1.0),
   'loss.d_latent': Field(_BOOL, True),
   'loss.d_reinit_threshold': Field(_number(0), 1e-5),
   'optim.lr': Field(_number(0, low_open=True), 2e-4),
@@ -207,6 +219,28 @@ def check_drop_outer_skips(drop_outer_skips, levels: int) -> None:
       f'an integer in [0, {skips}] (the U-Net has {skips} skip connections at isize {2**levels})'
     )
     raise _problem('model.drop_outer_skips', allowed, drop_outer_skips, 0)
+
+
+def check_model_options(name, ngf, ndf, drop_outer_skips, extra_layers) -> None:
+  """Raises ValueError for a model field that the chosen model (config.model.name) lacks.
+
+  Skip-GANomaly has no extra layers; GANomaly's G has no skips to drop, and its D takes
+  G's width ngf (the authors build their D from ngf and never read ndf), so ndf must
+  equal ngf rather than be silently ignored.
+  """
+  check_field('model.name', name)
+  if name == 'skipganomaly' and extra_layers != 0:
+    allowed = "0 when config.model.name is 'skipganomaly' (extra layers are a GANomaly option)"
+    raise _problem('model.extra_layers', allowed, extra_layers, 0)
+  if name == 'ganomaly' and drop_outer_skips != 0:
+    allowed = "0 when config.model.name is 'ganomaly' (its generator has no skips)"
+    raise _problem('model.drop_outer_skips', allowed, drop_outer_skips, 0)
+  if name == 'ganomaly' and ndf != ngf:
+    allowed = (
+      f"equal to config.model.ngf ({ngf}) when config.model.name is 'ganomaly' (its "
+      "discriminator is as wide as its generator, as in the authors' code)"
+    )
+    raise _problem('model.ndf', allowed, ndf, ngf)
 
 
 def d_feature_levels(isize: int) -> int:

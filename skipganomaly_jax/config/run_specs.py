@@ -23,6 +23,7 @@ from skipganomaly_jax.config.fields import (
   check_batch_divisible,
   check_drop_outer_skips,
   check_field,
+  check_model_options,
   d_feature_levels,
 )
 
@@ -76,10 +77,13 @@ class ModelSettings:
   ndf: int = _from('model.ndf')
   nz: int = _from('model.nz')
   drop_outer_skips: int = _from('model.drop_outer_skips')
+  name: str = _from('model.name')  # 'skipganomaly' or 'ganomaly'.
+  extra_layers: int = _from('model.extra_layers')  # GANomaly only.
 
   def __post_init__(self):
     _check_spec(self)
     check_drop_outer_skips(self.drop_outer_skips, int(math.log2(self.isize)))
+    check_model_options(self.name, self.ngf, self.ndf, self.drop_outer_skips, self.extra_layers)
 
 
 @_spec
@@ -89,6 +93,7 @@ class LossSpec:
   w_adv: float = _from('loss.w_adv')
   w_con: float = _from('loss.w_con')
   w_lat: float = _from('loss.w_lat')
+  w_enc: float = _from('loss.w_enc')  # GANomaly only: its encoder loss.
   d_latent: bool = _from('loss.d_latent')
   d_reinit_threshold: float = _from('loss.d_reinit_threshold')
 
@@ -204,6 +209,9 @@ def validate(config, devices: int | None = None) -> None:
   for name, value in flat.items():
     check_field(name, value)
   check_drop_outer_skips(flat['model.drop_outer_skips'], int(math.log2(flat['isize'])))
+  check_model_options(
+    *(flat[f'model.{k}'] for k in ('name', 'ngf', 'ndf', 'drop_outer_skips', 'extra_layers'))
+  )
   levels = d_feature_levels(flat['isize'])
   if flat['localisation.d_levels'] > levels:
     allowed = (

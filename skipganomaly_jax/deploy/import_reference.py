@@ -7,6 +7,9 @@ The reference saves `{'epoch': e, 'state_dict': ...}` per network (lib/models/
 basemodel.py `save_weights`: netG.pth / netD.pth, or netG_best.pth). The config must
 describe the reference run: isize, nc, model.ngf, model.ndf, model.nz (the names and
 shapes of the state dicts are checked against it, see `torch_weights`), and its dataset.
+The GANomaly authors' code saves its netG.pth / netD.pth the same way: import them with
+--config.model.name=ganomaly (and model.extra_layers as their --extralayers; model.ndf
+= model.ngf, their D's width), ported by `ganomaly_weights`.
 The workdir then holds an Orbax checkpoint (step 0) like one of ours, which
 `skipganomaly_jax.load(workdir)`, `main.py --mode=eval` and `--mode=score` use.
 
@@ -31,7 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from skipganomaly_jax import config as config_lib
-from skipganomaly_jax.nets import torch_weights
+from skipganomaly_jax.nets import ganomaly_weights, torch_weights
 from skipganomaly_jax.parallel import replicate
 from skipganomaly_jax.training import checkpointing, train, training_step
 
@@ -68,6 +71,21 @@ def read_pth(path: str) -> tuple[dict, int | None]:
   return arrays, None if epoch is None else int(epoch)
 
 
+def convert_state_dicts(netg: dict, netd: dict, spec) -> dict:
+  """The authors' state dicts -> our scoring variables, for the model `spec` names.
+
+  'skipganomaly': the Skip-GANomaly authors' `UnetGenerator` / `BasicDiscriminator`
+  (`torch_weights`); 'ganomaly': the GANomaly authors' `NetG` / `NetD`
+  (`ganomaly_weights`).
+
+  Raises:
+    ValueError: a key or shape that does not fit `spec` (named in the message).
+  """
+  if spec.name == 'ganomaly':
+    return ganomaly_weights.convert_state_dicts(netg, netd, spec.generator(), spec.discriminator())
+  return torch_weights.convert_state_dicts(netg, netd, spec)
+
+
 def imported_states(specs: config_lib.RunSpecs, netg: dict, netd: dict):
   """Our (g_state, d_state) holding the reference's weights, with a fresh Adam state.
 
@@ -77,7 +95,7 @@ def imported_states(specs: config_lib.RunSpecs, netg: dict, netd: dict):
     netd: D's state dict, likewise.
   """
   step_spec = training_step.StepSpec.from_specs(specs)
-  variables = torch_weights.convert_state_dicts(netg, netd, step_spec.model)
+  variables = convert_state_dicts(netg, netd, step_spec.model)
   g, d = training_step.create_train_states(step_spec, jax.random.key(specs.train.seed))
 
   def fill(state, net):

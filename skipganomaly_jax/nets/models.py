@@ -2,7 +2,8 @@
 
 Layer-by-layer as in docs/method.md (pix2pix U-Net for G, DCGAN for D), NHWC, inputs
 in [-1, 1]. With ngf=ndf=64, nz=100, isize=32 the parameter counts equal the reference's
-exactly (G 16,659,075 / D 1,069,700 for nc=3).
+exactly (G 16,659,075 / D 1,069,700 for nc=3). `ModelSpec` builds these, or GANomaly's
+networks (nets/ganomaly.py) for model name 'ganomaly'.
 """
 
 import dataclasses
@@ -14,7 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from skipganomaly_jax import config as config_lib
-from skipganomaly_jax.config import ModelSettings, check_drop_outer_skips, check_geometry
+from skipganomaly_jax.config import (
+  ModelSettings,
+  check_drop_outer_skips,
+  check_geometry,
+  check_model_options,
+)
 from skipganomaly_jax.nets import layers
 
 __all__ = [
@@ -225,10 +231,13 @@ class Discriminator(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """The hyper-parameters that fix both networks' shapes, and how their convs compute.
+  """The model, the hyper-parameters that fix both networks' shapes, how convs compute.
 
   A run builds it from its checked `config.ModelSettings` (`from_settings`); a trained
-  model's is read back from its variables (`from_variables`).
+  model's is read back from its variables (`from_variables`). `name` picks the networks
+  that `generator()` and `discriminator()` build: 'skipganomaly' (`Generator`,
+  `Discriminator` here) or 'ganomaly' (`ganomaly.GanomalyGenerator`, whose D is ngf
+  wide, so ndf == ngf; `ganomaly.GanomalyDiscriminator`).
   """
 
   isize: int = 32
@@ -238,10 +247,22 @@ class ModelSpec:
   nz: int = 100
   conv_impl: str = 'auto'  # How convs compute, 'auto' | 'lax' | 'fast' (same params).
   drop_outer_skips: int = 0  # Outermost U-Net skips removed (0 = the paper's G).
+  name: str = 'skipganomaly'  # Or 'ganomaly'.
+  extra_layers: int = 0  # GANomaly's extra 3x3 layers per sub-network (0 = the paper's).
 
   def __post_init__(self):
     check_geometry(self.isize, self.nc)
     check_drop_outer_skips(self.drop_outer_skips, int(math.log2(self.isize)))
+    check_model_options(self.name, self.ngf, self.ndf, self.drop_outer_skips, self.extra_layers)
+
+  @property
+  def code_size(self) -> int:
+    """Size of the generator's code of an image (the latent k-NN score's code).
+
+    Skip-GANomaly: the U-Net's innermost encoder output, 8 * ngf channels at 1x1.
+    GANomaly: encoder1's code, nz.
+    """
+    return self.nz if self.name == 'ganomaly' else 8 * self.ngf
 
   @classmethod
   def from_settings(cls, settings: ModelSettings, conv_impl: str = 'auto') -> 'ModelSpec':
@@ -255,8 +276,23 @@ class ModelSpec:
 
   @classmethod
   def from_variables(cls, variables) -> 'ModelSpec':
-    """Reads the spec back from the shapes of {'generator': ..., 'discriminator': ...}."""
+    """Reads the spec back from the shapes of {'generator': ..., 'discriminator': ...}.
+
+    GANomaly's variables are told by their 'encoder1' (Skip-GANomaly's G has none).
+    """
     g, d = variables['generator']['params'], variables['discriminator']['params']
+    if 'encoder1' in g:
+      encoder = g['encoder1']
+      width = encoder['conv_0']['kernel'].shape[3]
+      return cls(
+        isize=2 ** (3 + sum(1 for k in encoder if k.startswith('conv_') and k != 'conv_0')),
+        nc=encoder['conv_0']['kernel'].shape[2],
+        ngf=width,
+        ndf=width,
+        nz=encoder['final']['kernel'].shape[3],
+        name='ganomaly',
+        extra_layers=sum(1 for k in encoder if k.startswith('extra_') and 'bn' not in k),
+      )
     levels = sum(1 for k in g if k.startswith('down_') and 'bn' not in k)
     # A level without a skip feeds its transposed conv only the decoder's channels.
     with_skip = [
@@ -272,7 +308,23 @@ class ModelSpec:
       drop_outer_skips=with_skip.index(True) if True in with_skip else levels - 1,
     )
 
-  def generator(self, axis_name=None, dtype=jnp.float32) -> Generator:
+  def generator(self, axis_name=None, dtype=jnp.float32) -> nn.Module:
+    """G: `Generator` (returns G(x), or (G(x), code) with return_code=True), or for
+    'ganomaly' `GanomalyGenerator` (returns (G(x), latent_i, latent_o))."""
+    if self.name == 'ganomaly':
+      # Imported here: nets/ganomaly.py builds on this module (BatchNorm).
+      from skipganomaly_jax.nets.ganomaly import GanomalyGenerator  # noqa: PLC0415
+
+      return GanomalyGenerator(
+        self.isize,
+        self.nc,
+        self.ngf,
+        self.nz,
+        self.extra_layers,
+        axis_name=axis_name,
+        dtype=dtype,
+        conv_impl=self.conv_impl,
+      )
     return Generator(
       self.isize,
       self.nc,
@@ -283,7 +335,21 @@ class ModelSpec:
       drop_outer_skips=self.drop_outer_skips,
     )
 
-  def discriminator(self, axis_name=None, dtype=jnp.float32) -> Discriminator:
+  def discriminator(self, axis_name=None, dtype=jnp.float32) -> nn.Module:
+    """D, returning (logits (N,), features (N, F)): `Discriminator`, or for 'ganomaly'
+    `GanomalyDiscriminator` (ngf wide, its features its last hidden layer)."""
+    if self.name == 'ganomaly':
+      from skipganomaly_jax.nets.ganomaly import GanomalyDiscriminator  # noqa: PLC0415
+
+      return GanomalyDiscriminator(
+        self.isize,
+        self.nc,
+        self.ngf,
+        self.extra_layers,
+        axis_name=axis_name,
+        dtype=dtype,
+        conv_impl=self.conv_impl,
+      )
     return Discriminator(
       self.isize,
       self.nc,

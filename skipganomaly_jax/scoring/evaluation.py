@@ -94,7 +94,7 @@ class DatasetScorer:
         {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in values.items()}
       )
     if not out:
-      code = (8 * self.spec.ngf,)
+      code = (self.spec.code_size,)
       return {k: np.zeros((0, *(code if k == 'code' else ())), np.float32) for k in keys}
     return {k: np.concatenate([o[k] for o in out])[:n] for k in keys}
 

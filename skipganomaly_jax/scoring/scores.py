@@ -14,6 +14,13 @@ see docs/deviations.md):
   let G copy anomalies too), and the same trained models rank better by latent k-NN;
   the measurements, with a raw-pixel k-NN baseline, are in docs/results.md.
 
+A GANomaly model (config.model.name = 'ganomaly') is scored the same ways, with its own
+paper score: 'paper' is GANomaly's, mean over its nz code of (latent_i - latent_o)^2,
+the distance between encoder1's code of x and encoder2's code of G(x) (its authors'
+test(); lam plays no part); 'latent_knn' compares encoder1's code (latent_i); 'rec',
+the anomaly map and 'lat' (D's features of x and G(x)) are computed as for Skip-GANomaly
+from its reconstruction and its D.
+
 `params` is one pytree, `{'generator': {'params', 'batch_stats'}, 'discriminator':
 {...}}` plus, for the latent k-NN score, `'knn_bank'`: (M, code) unit-norm codes. The
 structure `skipganomaly_jax.load` returns; the architecture is read from its shapes, and
@@ -56,10 +63,11 @@ def scoring_variables(g_state, d_state, knn_bank=None) -> dict:
 
 
 def check_knn_bank(params, spec: ModelSpec) -> None:
-  """Raises ValueError unless params' 'knn_bank' (if any) fits the generator's code."""
+  """Raises ValueError unless params' 'knn_bank' (if any) fits the generator's code
+  (`spec.code_size`: 8 * ngf for Skip-GANomaly, nz for GANomaly)."""
   if 'knn_bank' not in params:
     return
-  shape, code = tuple(np.shape(params['knn_bank'])), 8 * spec.ngf
+  shape, code = tuple(np.shape(params['knn_bank'])), spec.code_size
   if len(shape) != 2 or shape[1] != code or shape[0] < KNN_K:
     raise ValueError(
       f"params['knn_bank'] must be (M >= {KNN_K}, {code}) unit-norm codes of training "
@@ -113,6 +121,30 @@ def anomaly_map(images, reconstructions):
   return jnp.mean(jnp.square(images - reconstructions), axis=-1)
 
 
+def generator_outputs(spec: ModelSpec, variables, images, train: bool = False, dtype=jnp.float32):
+  """G's reconstruction of images, its code of them, and (GANomaly) its code of that.
+
+  Args:
+    spec: the architecture (its name picks the generator).
+    variables: G's {'params', 'batch_stats'}.
+    images: float32 [-1, 1] batch.
+    train: BatchNorm with batch statistics (the running statistics are not updated).
+    dtype: compute dtype.
+
+  Returns:
+    (reconstruction, code, code_of_reconstruction): Skip-GANomaly's code is the U-Net's
+    bottleneck (N, 8 * ngf) and it has no third output (None); GANomaly's are encoder1's
+    code of x and encoder2's code of G(x), (N, nz) each.
+  """
+  kwargs = {} if spec.name == 'ganomaly' else {'return_code': True}
+  model = spec.generator(dtype=dtype)
+  if train:
+    out = model.apply(variables, images, train=True, mutable=['batch_stats'], **kwargs)[0]
+  else:
+    out = model.apply(variables, images, train=False, **kwargs)
+  return out if spec.name == 'ganomaly' else (*out, None)
+
+
 def score_terms(
   params,
   images,
@@ -127,8 +159,8 @@ def score_terms(
   Args:
     params: scoring variables (see module doc).
     images: float32 [-1, 1] batch (already checked).
-    lam: weight of the reconstruction term.
-    spec: the architecture.
+    lam: weight of the reconstruction term (Skip-GANomaly's paper score only).
+    spec: the architecture (its name picks the model and its paper score).
     return_maps: also return 'reconstruction' and 'anomaly_map'.
     train: BatchNorm with batch statistics (the reference's test-time behaviour, used
       only by its protocol; the running statistics are not updated).
@@ -136,7 +168,8 @@ def score_terms(
 
   Returns:
     dict with 'score' (latent k-NN when params hold a 'knn_bank', else the paper's),
-    'paper_score', 'rec', 'lat' (N,), 'code' (N, code), and the maps on request.
+    'paper_score' (the model's own: see the module doc), 'rec', 'lat' (N,), 'code'
+    (N, spec.code_size), and the maps on request.
   """
 
   def apply(model, variables, x, **kwargs):
@@ -144,13 +177,16 @@ def score_terms(
       return model.apply(variables, x, train=False, **kwargs)
     return model.apply(variables, x, train=True, mutable=['batch_stats'], **kwargs)[0]
 
-  x_hat, code = apply(spec.generator(dtype=dtype), params['generator'], images, return_code=True)
+  x_hat, code, code_of_x_hat = generator_outputs(spec, params['generator'], images, train, dtype)
   d_model = spec.discriminator(dtype=dtype)
   _, f_real = apply(d_model, params['discriminator'], images)
   _, f_fake = apply(d_model, params['discriminator'], x_hat)
   rec = jnp.mean(jnp.square(images - x_hat), axis=(1, 2, 3))
   lat = jnp.mean(jnp.square(f_real - f_fake), axis=1)
-  paper = lam * rec + (1.0 - lam) * lat  # The paper score: its one definition.
+  if spec.name == 'ganomaly':  # GANomaly's paper score (its authors' test()): no lambda.
+    paper = jnp.mean(jnp.square(code - code_of_x_hat), axis=1)
+  else:
+    paper = lam * rec + (1.0 - lam) * lat  # The paper score: its one definition.
   score = knn_distance(code, params['knn_bank']) if 'knn_bank' in params else paper
   out = {'score': score, 'paper_score': paper, 'rec': rec, 'lat': lat, 'code': code}
   if return_maps:

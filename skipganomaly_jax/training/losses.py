@@ -1,4 +1,4 @@
-"""Skip-GANomaly losses, computed from logits (numerically stable).
+"""Skip-GANomaly's and GANomaly's losses, computed from logits (numerically stable).
 
 All losses are means over the batch and elements, as in the reference. The reference
 applies `BCELoss` to a float32 sigmoid and clamps each log at -100; working from logits
@@ -91,3 +91,59 @@ def discriminator_loss(
   if use_latent:
     total = total + w_lat * terms['d_lat']
   return total, terms
+
+
+# ----------------------------------------------------------------------------- GANomaly
+# GANomaly (its authors' code) names its terms differently: its adversarial term is the
+# L2 between D's features of x and of G(x) (Skip-GANomaly's latent term; no BCE for G),
+# its encoder term the L2 between G's codes of x and of G(x), and D's loss is half the
+# sum of the two BCEs.
+
+
+def ganomaly_generator_loss(
+  images,
+  reconstructions,
+  features_real,
+  features_fake,
+  latent_i,
+  latent_o,
+  w_adv: float,
+  w_con: float,
+  w_enc: float,
+):
+  """GANomaly's generator loss L_G = w_adv*adv + w_con*con + w_enc*enc.
+
+  Args:
+    images: real batch x.
+    reconstructions: G(x).
+    features_real: D's features of x.
+    features_fake: D's features of G(x).
+    latent_i: G's code of x (encoder1's), (N, nz).
+    latent_o: G's code of G(x) (encoder2's), (N, nz).
+    w_adv: weight of adv = mean (f(x) - f(G(x)))^2.
+    w_con: weight of con = mean |x - G(x)|.
+    w_enc: weight of enc = mean (latent_i - latent_o)^2.
+
+  Returns:
+    (total, terms): the scalar loss and a dict of the unweighted terms.
+  """
+  terms = {
+    'g_adv': latent_loss(features_real, features_fake),
+    'g_con': contextual_loss(images, reconstructions),
+    'g_enc': latent_loss(latent_i, latent_o),
+  }
+  total = w_adv * terms['g_adv'] + w_con * terms['g_con'] + w_enc * terms['g_enc']
+  return total, terms
+
+
+def ganomaly_discriminator_loss(real_logits, fake_logits):
+  """GANomaly's discriminator loss (BCE(D(x), 1) + BCE(D(G(x)), 0)) / 2.
+
+  Returns:
+    (total, terms): the scalar loss and a dict of the unweighted terms.
+  """
+  terms = {
+    'd_real_loss': bce_with_logits(real_logits, 1.0),
+    'd_fake_loss': bce_with_logits(fake_logits, 0.0),
+  }
+  return 0.5 * (terms['d_real_loss'] + terms['d_fake_loss']), terms

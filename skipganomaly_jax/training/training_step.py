@@ -1,9 +1,16 @@
-"""Training state and the data-parallel Skip-GANomaly update step.
+"""Training state and the data-parallel update step of Skip-GANomaly and GANomaly.
 
 `train_step` is one pure per-device function: forward G and D once, compute the
 generator and discriminator losses, update both networks simultaneously from the same
 forward pass (as the reference: D's loss uses the reconstruction made before G's step),
 and apply the discriminator re-initialisation guard as a select.
+
+The two models share all of it but the forward pass and its losses, which the step
+takes from `MODEL_LOSSES[spec.model.name]`: `skipganomaly_losses` (the paper's) or
+`ganomaly_losses` (the GANomaly authors' step: other loss terms and weights, and D's
+running statistics updated as by their four D forwards). Everything else, the
+optimiser, the states, the gradients of both losses from one forward pass, the D
+re-initialisation guard and the shard_map wrapper, is one code path.
 
 Parallelism: `make_parallel_train_step` maps it over a 1-D device mesh with
 `jax.shard_map` under `jax.jit`, not `jax.pmap`. Since JAX 0.8, pmap is implemented on
@@ -31,7 +38,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from skipganomaly_jax.config import LossSpec, OptimSpec, RunSpecs, compute_dtype
-from skipganomaly_jax.nets.models import ModelSpec, reinit_params
+from skipganomaly_jax.nets.models import BN_MOMENTUM, ModelSpec, reinit_params
 from skipganomaly_jax.parallel import AXIS
 from skipganomaly_jax.training import losses
 
@@ -97,45 +104,119 @@ def create_train_states(
   return g_state, d_state
 
 
-def _forward_and_losses(spec: StepSpec, axis_name, g_params, d_params, g_stats, d_stats, x):
-  """One forward pass of G and D and both losses (each averaged over devices)."""
-  dtype = compute_dtype(spec.dtype)
-  g_model = spec.model.generator(axis_name=axis_name, dtype=dtype)
-  d_model = spec.model.discriminator(axis_name=axis_name, dtype=dtype)
-  x_hat, g_new = g_model.apply(
-    {'params': g_params, 'batch_stats': g_stats}, x, train=True, mutable=['batch_stats']
-  )
+def _d_outputs(real_logits, fake_logits) -> dict:
+  """D's mean output (a probability) on real and on reconstructed images."""
+  return {
+    'd_real': jnp.mean(jax.nn.sigmoid(real_logits)),
+    'd_fake': jnp.mean(jax.nn.sigmoid(fake_logits)),
+  }
+
+
+def skipganomaly_losses(loss: LossSpec, g_model, d_model, g_vars, d_vars, x):
+  """Skip-GANomaly's forward pass of G and D and both losses, on this device's batch.
+
+  Args:
+    loss: the loss weights.
+    g_model: the generator module (with the mesh axis and compute dtype).
+    d_model: the discriminator module, likewise.
+    g_vars: G's {'params', 'batch_stats'}.
+    d_vars: D's {'params', 'batch_stats'}.
+    x: the batch, NHWC in [-1, 1].
+
+  Returns:
+    (g_loss, d_loss, g_stats, d_stats, metrics): the two losses of this batch, both
+    networks' running statistics after the step, and the unweighted loss terms and D's
+    mean outputs.
+  """
+  x_hat, g_new = g_model.apply(g_vars, x, train=True, mutable=['batch_stats'])
   # D is called separately on x and on G(x): each call normalises a homogeneous batch.
-  (real_logits, f_real), d_new = d_model.apply(
-    {'params': d_params, 'batch_stats': d_stats}, x, train=True, mutable=['batch_stats']
-  )
+  (real_logits, f_real), d_new = d_model.apply(d_vars, x, train=True, mutable=['batch_stats'])
   # The reference runs D on G(x) twice per step (again in D's backward, same values), so
   # its running statistics take the EMA update of G(x)'s batch statistics twice: we apply
   # it twice in one call rather than pay a third forward pass of D.
   (fake_logits, f_fake), d_new = d_model.apply(
-    {'params': d_params, 'batch_stats': d_new['batch_stats']},
+    {'params': d_vars['params'], 'batch_stats': d_new['batch_stats']},
     x_hat,
     train=True,
     stat_updates=2,
     mutable=['batch_stats'],
   )
-  lc = spec.loss
   g_loss, g_terms = losses.generator_loss(
-    x, x_hat, fake_logits, f_real, f_fake, lc.w_adv, lc.w_con, lc.w_lat
+    x, x_hat, fake_logits, f_real, f_fake, loss.w_adv, loss.w_con, loss.w_lat
   )
   d_loss, d_terms = losses.discriminator_loss(
-    real_logits, fake_logits, f_real, f_fake, lc.w_lat, lc.d_latent
+    real_logits, fake_logits, f_real, f_fake, loss.w_lat, loss.d_latent
   )
-  metrics = {
-    **g_terms,
-    **d_terms,
-    'd_real': jnp.mean(jax.nn.sigmoid(real_logits)),
-    'd_fake': jnp.mean(jax.nn.sigmoid(fake_logits)),
-  }
+  metrics = {**g_terms, **d_terms, **_d_outputs(real_logits, fake_logits)}
+  return g_loss, d_loss, g_new['batch_stats'], d_new['batch_stats'], metrics
+
+
+def repeat_updates(before, after, momentum: float = BN_MOMENTUM):
+  """Running statistics after the same EMA updates are applied once more.
+
+  `after` is `before` after updates with batch statistics a, then b (s2 = m^2 s0 +
+  m (1 - m) a + (1 - m) b); applying a, then b again gives s4 = m^2 s2 + (s2 - m^2 s0),
+  i.e. (1 + m^2) s2 - m^2 s0, without knowing a or b.
+
+  Args:
+    before: the running statistics s0 (a pytree).
+    after: s2, the same structure.
+    momentum: the EMA factor m (Flax's convention: 0.9 = PyTorch's momentum 0.1).
+  """
+  m2 = momentum * momentum
+  return jax.tree.map(lambda s0, s2: (1.0 + m2) * s2 - m2 * s0, before, after)
+
+
+def ganomaly_losses(loss: LossSpec, g_model, d_model, g_vars, d_vars, x):
+  """GANomaly's forward pass and losses, as its authors' step (arguments and returns as
+  `skipganomaly_losses`).
+
+  Their step runs G once and D four times in train mode: on x and on G(x) for D's loss,
+  then again on x and on G(x) for G's adversarial term (the L2 between D's features;
+  G's gradient flows through the second). D's parameters do not change between the
+  four, so the last two forwards repeat the first two's outputs and batch statistics: we
+  run D twice and apply the two EMA updates of the running statistics once more
+  (`repeat_updates`). D's loss is differentiated w.r.t. D only (G(x) is a constant for
+  it), G's w.r.t. G only, as the authors' separate backward passes and optimisers do.
+  """
+  (x_hat, latent_i, latent_o), g_new = g_model.apply(g_vars, x, train=True, mutable=['batch_stats'])
+  (real_logits, f_real), d_new = d_model.apply(d_vars, x, train=True, mutable=['batch_stats'])
+  (fake_logits, f_fake), d_new = d_model.apply(
+    {'params': d_vars['params'], 'batch_stats': d_new['batch_stats']},
+    x_hat,
+    train=True,
+    mutable=['batch_stats'],
+  )
+  d_stats = repeat_updates(d_vars['batch_stats'], d_new['batch_stats'])
+  g_loss, g_terms = losses.ganomaly_generator_loss(
+    x, x_hat, f_real, f_fake, latent_i, latent_o, loss.w_adv, loss.w_con, loss.w_enc
+  )
+  d_loss, d_terms = losses.ganomaly_discriminator_loss(real_logits, fake_logits)
+  metrics = {**g_terms, **d_terms, **_d_outputs(real_logits, fake_logits)}
+  return g_loss, d_loss, g_new['batch_stats'], d_stats, metrics
+
+
+# The forward pass and losses of each model (config.model.name); the rest of the step is
+# shared.
+MODEL_LOSSES = {'skipganomaly': skipganomaly_losses, 'ganomaly': ganomaly_losses}
+
+
+def _forward_and_losses(spec: StepSpec, axis_name, g_params, d_params, g_stats, d_stats, x):
+  """One forward pass of G and D and both losses (each averaged over devices)."""
+  dtype = compute_dtype(spec.dtype)
+  g_model = spec.model.generator(axis_name=axis_name, dtype=dtype)
+  d_model = spec.model.discriminator(axis_name=axis_name, dtype=dtype)
+  g_loss, d_loss, g_stats, d_stats, metrics = MODEL_LOSSES[spec.model.name](
+    spec.loss,
+    g_model,
+    d_model,
+    {'params': g_params, 'batch_stats': g_stats},
+    {'params': d_params, 'batch_stats': d_stats},
+    x,
+  )
   if axis_name is not None:
     g_loss, d_loss, metrics = jax.lax.pmean((g_loss, d_loss, metrics), axis_name)
-  aux = (g_new['batch_stats'], d_new['batch_stats'], metrics)
-  return (g_loss, d_loss), aux
+  return (g_loss, d_loss), (g_stats, d_stats, metrics)
 
 
 def train_step(

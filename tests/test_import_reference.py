@@ -139,7 +139,7 @@ def test_pth_import_calibrates_and_scores(ref, tmp_path):
     Image.fromarray(pixels).save(images / f'{i}.png')
   with open(trained_run.score_path(str(workdir), str(images))) as f:
     rows = f.read().splitlines()
-  assert rows[0] == 'path,score,normalised_score,anomalous' and len(rows) == 4
+  assert rows[0] == 'path,score,normalised_score,anomalous,score_kind' and len(rows) == 4
 
 
 def test_pth_without_torch_names_the_extra(tmp_path, monkeypatch):

@@ -90,8 +90,8 @@ def test_training_writes_checkpoints_metrics_and_plots(trained):
     assert ckpt.latest_step() == EPOCHS * STEPS
   lines = (trained / 'metrics.jsonl').read_text().splitlines()
   assert any('train/g_loss' in json.loads(line) for line in lines)
-  evals = [json.loads(line) for line in lines if 'eval/auroc' in json.loads(line)]
-  assert evals[-1]['eval/auroc'] == pytest.approx(final['auroc'], abs=1e-6)
+  evals = [json.loads(line) for line in lines if 'eval/auroc/paper' in json.loads(line)]
+  assert evals[-1]['eval/auroc/paper'] == pytest.approx(final['auroc'], abs=1e-6)
   with Image.open(trained / 'reconstructions.png') as img:
     assert img.size[0] > 100 and img.size[1] > 100
 
@@ -102,7 +102,7 @@ def test_tensorboard_events_are_readable(trained):
   acc = event_accumulator.EventAccumulator(str(trained / 'tensorboard'))
   acc.Reload()
   assert 'train/g_loss' in acc.Tags()['scalars']
-  assert len(acc.Scalars('eval/auroc')) == EPOCHS
+  assert len(acc.Scalars('eval/auroc/paper')) == EPOCHS
 
 
 def test_load_and_score_fn_reproduce_the_reported_auroc(trained):
@@ -185,9 +185,9 @@ def test_score_mode_writes_csv_and_maps(trained, tmp_path, rng):
   main_in_process(f'--workdir={trained}', '--mode=score', f'--images={images}', '--maps')
   # (--verbosity showing the libraries' logs again: test_kill_and_resume_*'s resumed run.)
   rows = (trained / 'scores.csv').read_text().splitlines()
-  assert rows[0] == 'path,score,normalised_score,anomalous' and len(rows) == 4
+  assert rows[0] == 'path,score,normalised_score,anomalous,score_kind' and len(rows) == 4
   assert all(r.split(',')[3] in ('yes', 'no') for r in rows[1:])
-  assert len(os.listdir(trained / 'anomaly_maps')) == 3
+  assert len(os.listdir(trained / 'anomaly_maps')) == 6  # A map and an overlay per image.
 
 
 def test_corrupt_checkpoint_is_named(trained, tmp_path):

@@ -83,11 +83,10 @@ def test_calibration_fit_and_round_trip(rng):
     cal.threshold = 1.0  # type: ignore[misc]
 
 
-def test_normalise_is_monotone_and_uses_validation_range(rng):
+def test_normalise_is_monotone_and_puts_the_threshold_at_one(rng):
   val = rng.uniform(1.0, 3.0, size=50)
   cal = metrics.Calibration.fit(val, 90)
-  norm = cal.normalise(val)
-  assert norm.min() == pytest.approx(0.0) and norm.max() == pytest.approx(1.0)
+  assert cal.normalise([cal.threshold]).item() == 1.0  # scores.csv's normalised_score.
   test = rng.uniform(0.0, 5.0, size=100)
   np.testing.assert_array_equal(np.argsort(cal.normalise(test)), np.argsort(test))
   # A single score is scorable, and test data never changes the map.
@@ -96,7 +95,7 @@ def test_normalise_is_monotone_and_uses_validation_range(rng):
   labels[:2] = [0, 1]
   assert metrics.auroc(labels, cal.normalise(test)) == pytest.approx(metrics.auroc(labels, test))
   flat = metrics.Calibration.fit([2.0, 2.0], 50)
-  np.testing.assert_allclose(flat.normalise([2.0, 3.0]), [0.0, 1.0])
+  np.testing.assert_allclose(flat.normalise([2.0, 3.0]), [1.0, 1.5])
 
 
 def test_evaluate(rng):

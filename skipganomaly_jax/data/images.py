@@ -192,6 +192,56 @@ def _resize_center_crop(img: Image.Image, isize: int) -> Image.Image:
   return img.crop((left, top, left + isize, top + isize))
 
 
+def preprocessing_contract(isize: int, nc: int) -> dict:
+  """What `read_image` does to an image file, in words a reimplementation can follow.
+
+  detector.json's input contract (deploy/export.py); examples/load_exported.py follows
+  it with PIL alone, and tests/test_maps_and_contract.py checks the two agree.
+  """
+  mode = 'L' if nc == 1 else 'RGB'
+  return {
+    'decode': 'PIL.Image.open(file), then .load(); any mode, any size',
+    'channels': {
+      'to': f"PIL mode '{mode}' ({nc} channel{'s' if nc > 1 else ''})",
+      'rgb_to_grey': (
+        "PIL Image.convert('L'): ITU-R 601-2 luma, L = R * 299/1000 + G * 587/1000 + "
+        "B * 114/1000 in PIL's fixed-point arithmetic, rounded"
+      ),
+      'grey_to_rgb': (
+        "PIL Image.convert('RGB'): the grey value in R, G and B; a grey ('L') image is "
+        'resized and cropped first, then converted'
+      ),
+      'alpha': 'dropped by the conversion (not composited on a background)',
+      'palette': "('P') converted to 'RGBA' first (palette transparency), then as above",
+      'grey_16_bit': "('I;16*') value >> 8, as 'L'",
+      'integer_or_float_32_bit': (
+        "('I', 'F') divided by 257 when any value exceeds 255, then rounded and clipped "
+        "to [0, 255], as 'L'"
+      ),
+    },
+    'resize': {
+      'method': 'bilinear',
+      'call': 'PIL Image.resize((new_w, new_h), PIL.Image.Resampling.BILINEAR)',
+      'size': (
+        f'the shorter side to {isize}, the longer to max({isize}, int({isize} * longer / '
+        f'shorter)) (truncated; width when w <= h); an image already {isize}x{isize} is '
+        'not resized'
+      ),
+      'when': 'after the channel conversion, before the crop',
+    },
+    'crop': {
+      'kind': f'centre crop to {isize}x{isize}, after the resize',
+      'box': (
+        f'left = int(round((new_w - {isize}) / 2)), top = int(round((new_h - {isize}) / 2)) '
+        f'(Python round: halves to even); PIL Image.crop((left, top, left + {isize}, '
+        f'top + {isize}))'
+      ),
+    },
+    'to_array': f'numpy.asarray(image, uint8).reshape({isize}, {isize}, {nc}); batch on axis 0',
+    'scaling': 'none: the model takes uint8 [0, 255] and computes x / 127.5 - 1 in float32',
+  }
+
+
 def preprocess(img: Image.Image, isize: int, nc: int) -> np.ndarray:
   """Converts a decoded PIL image to a uint8 (isize, isize, nc) array.
 

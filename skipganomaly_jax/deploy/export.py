@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex
 
-from skipganomaly_jax.data.images import to_float
+from skipganomaly_jax.data.images import preprocessing_contract, to_float
 from skipganomaly_jax.deploy import trained_run
 from skipganomaly_jax.deploy.detector import (
   DETECTOR_JSON,
@@ -229,9 +229,12 @@ def detector_metadata(params, lam: float, calibration, which) -> dict:
       'dtype': 'uint8',
       'value_range': [0, 255],
       'preprocessing': (
-        f'resize to {spec.isize}x{spec.isize}, {spec.nc} channel(s) '
-        f'({"grayscale" if spec.nc == 1 else "RGB"}); the model scales x / 127.5 - 1'
+        f'convert to {"grey (PIL L: ITU-R 601-2 luma)" if spec.nc == 1 else "RGB"}, resize '
+        f'the shorter side to {spec.isize} (bilinear, PIL), centre-crop {spec.isize}x'
+        f'{spec.isize}, uint8 NHWC; the model scales x / 127.5 - 1 (details: the other '
+        'input fields; examples/load_exported.py preprocess)'
       ),
+      **preprocessing_contract(spec.isize, spec.nc),
     },
     'output': {
       'name': 'scores',
@@ -244,7 +247,7 @@ def detector_metadata(params, lam: float, calibration, which) -> dict:
     'threshold': float(calibration.threshold),
     'decision': 'anomalous = score > threshold',
     'calibration': calibration.to_dict(),
-    'normalised_score': '(score - score_min) / (score_max - score_min)',
+    'normalised_score': 'score / threshold (1.0 = the threshold; as scores.csv)',
     'model': {k: v for k, v in dataclasses.asdict(spec).items() if k != 'conv_impl'},
     'source': {'checkpoint': str(which), 'params_sha256': _params_digest(params)},
     'versions': {

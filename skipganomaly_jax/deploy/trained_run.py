@@ -25,7 +25,6 @@ from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.parallel import make_mesh
 from skipganomaly_jax.reporting import outputs, overlays
 from skipganomaly_jax.scoring import evaluation, localisation, metrics
-from skipganomaly_jax.scoring.scores import score_details
 from skipganomaly_jax.training import checkpointing
 
 
@@ -42,6 +41,10 @@ class TrainedModel:
     step: the checkpoint's training step.
     history: the evaluation reports stored with the checkpoint.
     scorer: the dataset scorer of the run's specs (its lambda, dtype, eval batch).
+    map_scale: the maps' `localisation.MapScale`, computed from the validation normals
+      when the checkpoint was evaluated (None: saved before it was stored; --mode=eval
+      stores it).
+    path: the checkpoint's directory.
   """
 
   params: dict
@@ -51,6 +54,8 @@ class TrainedModel:
   step: int
   history: list
   scorer: evaluation.DatasetScorer
+  map_scale: localisation.MapScale | None = None
+  path: str = ''
 
 
 def is_evaluated(meta: dict) -> bool:
@@ -111,6 +116,16 @@ def _variables(net: dict) -> dict:
   return {'params': net['params'], 'batch_stats': net['batch_stats']}
 
 
+def _checkpoints(workdir: str) -> str:
+  """The run's checkpoints folder; raises CheckpointError if there is none."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise checkpointing.CheckpointError(
+      f'no checkpoints folder {directory}: is {workdir!r} the workdir of a trained run?'
+    )
+  return directory
+
+
 def restore(workdir: str, which='latest') -> TrainedModel:
   """The one place that reads a trained run: networks, bank, calibration, config, scorer.
 
@@ -124,14 +139,10 @@ def restore(workdir: str, which='latest') -> TrainedModel:
     ValueError: a bad `which`, or a stored config this version does not understand.
   """
   which = config_lib.checkpoint_selector(which)
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise checkpointing.CheckpointError(
-      f'no checkpoints folder {directory}: is {workdir!r} the workdir of a trained run?'
-    )
+  directory = _checkpoints(workdir)
   with checkpointing.Checkpointer(directory) as ckpt:
     step = _select(ckpt, which)
-    config = config_lib.from_stored(ckpt.restore_meta(step)['config'])
+    config, path = config_lib.from_stored(ckpt.restore_meta(step)['config']), ckpt.step_path(step)
     # The stored tree as the target: no optimiser or TrainState class is needed to read it.
     state, meta = ckpt.restore(step, _local(ckpt.abstract_state(step)))
   params = {'generator': _variables(state['g']), 'discriminator': _variables(state['d'])}
@@ -139,6 +150,7 @@ def restore(workdir: str, which='latest') -> TrainedModel:
     params['knn_bank'] = state['knn_bank']
   specs = config_lib.specs(config)
   mesh = make_mesh(jax.local_devices()[:1])
+  scale = meta.get('map_scale')
   return TrainedModel(
     params=params,
     config=config,
@@ -147,6 +159,8 @@ def restore(workdir: str, which='latest') -> TrainedModel:
     step=step,
     history=list(meta.get('history', [])),
     scorer=evaluation.make_scorer(ModelSpec.from_settings(specs.model), specs.score, mesh),
+    map_scale=scale and localisation.MapScale.from_dict(scale),
+    path=path,
   )
 
 
@@ -185,18 +199,107 @@ def _previous_history(workdir: str, stored: list) -> list:
   return list(stored)
 
 
-def evaluate_checkpoint(workdir: str, which='latest') -> dict:
+# The config fields that each mode takes from the command line instead of the run's
+# stored config: for eval, where the run's data lives (a moved copy of the same data).
+# Nothing else: the networks, scores and calibration belong to the stored config.
+HONOURED_FIELDS = {
+  'eval': ('dataset.root', 'dataset.path', 'dataset.data_dir'),
+  'score': (),
+  'export': (),
+}
+_WHY_NOT = {
+  'eval': "only where the run's data lives can change",
+  'score': (
+    'nothing can change: it reads no dataset (the checkpoint holds the networks, the '
+    "calibration and the maps' scale it needs)"
+  ),
+  'export': 'nothing can change: the detector is exported from the checkpoint as trained',
+}
+
+
+def stored_config(workdir: str, which='latest') -> tuple[ml_collections.ConfigDict, str]:
+  """(the run's stored config, the checkpoint's directory) of the checkpoint `which`
+  selects (as `restore` selects it); reads no arrays."""
+  which = config_lib.checkpoint_selector(which)
+  directory = _checkpoints(workdir)
+  with checkpointing.Checkpointer(directory) as ckpt:
+    step = _select(ckpt, which)
+    return config_lib.from_stored(ckpt.restore_meta(step)['config']), ckpt.step_path(step)
+
+
+def command_line_config(mode: str, workdir: str, which, requested: dict) -> dict:
+  """Checks the config values a command line sets in `mode` against the run's config.
+
+  eval, score and export use the run's stored config; a value from the command line that
+  differs from it is honoured where `mode` can take it (HONOURED_FIELDS) and refused
+  otherwise, never ignored.
+
+  Args:
+    mode: 'eval', 'score' or 'export'.
+    workdir: the run's workdir.
+    which: the checkpoint selector of the command line.
+    requested: {field: (value, how the command line set it)}, e.g. {'dataset.root':
+      ('/data/x', '--config.dataset.root=/data/x')}.
+
+  Returns:
+    {field: value}: the honoured values that differ from the stored ones.
+
+  Raises:
+    ValueError: a differing value `mode` cannot take; names each such flag, its value,
+      the run's value and what the mode uses instead.
+  """
+  config, path = stored_config(workdir, which)
+  stored = config_lib.values(config)
+  changed = {name: v for name, v in requested.items() if v[0] != stored[name]}
+  honoured = HONOURED_FIELDS[mode]
+  refused = [
+    f"{how} (the run's value: {stored[name]!r})"
+    for name, (_, how) in changed.items()
+    if name not in honoured
+  ]
+  if refused:
+    can = _WHY_NOT[mode]
+    if honoured:
+      can += ' (' + ', '.join(f'--config.{name}' for name in honoured) + ')'
+    raise ValueError(
+      f"--mode={mode} uses the run's stored config ({path}), not the command line's: "
+      f'refused {"; ".join(refused)}. In --mode={mode} {can}. Drop the refused flag(s); to '
+      'change them, train a new run.'
+    )
+  return {name: value for name, (value, _) in changed.items()}
+
+
+def evaluate_checkpoint(workdir: str, which='latest', data: dict | None = None) -> dict:
   """Re-evaluates a checkpoint the run's way and adds the result to its outputs.
 
   The report (with 'checkpoint' and 'step') is appended to metrics.json's history, which
   keeps the training history; the ROC, histogram and reconstruction plots are redrawn.
+  A checkpoint saved without its maps' scale (older versions) gets it stored, so that
+  --mode=score can then read it instead of the data.
+
+  Args:
+    workdir: the run's workdir.
+    which: 'latest', 'best' or a step.
+    data: where the run's data lives now, if it moved: {'dataset.root': ...} (the fields
+      of HONOURED_FIELDS['eval']); None: where its stored config says.
 
   Returns:
     The new report.
   """
   model = restore(workdir, which)
   specs = model.specs
-  splits = input_pipeline.load_splits(specs.data)
+  if data:
+    moved = {name.split('.', 1)[1]: value for name, value in data.items()}
+    specs = dataclasses.replace(specs, data=dataclasses.replace(specs.data, **moved))
+  try:
+    splits = input_pipeline.load_splits(specs.data)
+  except FileNotFoundError as e:
+    flags = ', '.join(f'--config.{name}=...' for name in HONOURED_FIELDS['eval'])
+    raise FileNotFoundError(
+      f"--mode=eval reads the run's data where its stored config says (from "
+      f'{model.path}) unless told otherwise: {e} If the data moved, give its new place '
+      f'({flags}).'
+    ) from e
   variables = model.params
   if 'knn_bank' not in variables:  # A paper-score run: a bank to report latent k-NN too.
     bank = evaluation.knn_bank(model.scorer, variables, splits.train, specs.score)
@@ -207,9 +310,37 @@ def evaluate_checkpoint(workdir: str, which='latest') -> dict:
   epoch = model.history[-1].get('epoch') if model.history else None
   report = {**report, 'checkpoint': str(which), 'epoch': epoch, 'step': model.step}
   history = _previous_history(workdir, model.history) + [report]
-  outputs.write_all(workdir, splits, model.params, test_scores, history, calibration, specs.score)
-  overlays.write_overlays(workdir, specs.localisation, model.params, splits)
+  settings = specs.localisation
+  scale = model.map_scale
+  if scale is None:  # Saved by an older version: computed now, stored for --mode=score.
+    scale = localisation.map_scale(model.params, splits.val, settings)
+    with checkpointing.Checkpointer(os.path.dirname(model.path)) as ckpt:
+      ckpt.update_meta(model.step, {'map_scale': scale.to_dict()})
+  outputs.write_all(
+    workdir, splits, model.params, test_scores, history, calibration, specs.score, settings, scale
+  )
+  overlays.write_overlays(workdir, settings, model.params, splits, test_scores, calibration, scale)
   return report
+
+
+def map_scale(model: TrainedModel) -> localisation.MapScale:
+  """The scale of a run's maps (`--maps`, reconstructions.png, localisation.png, and the
+  units of the 'rec+d' map), stored with the checkpoint when it was evaluated.
+
+  Raises:
+    checkpointing.CheckpointError: a checkpoint saved before the scale was stored; the
+      message says how to add it (--mode=eval, once, with the run's data in place).
+  """
+  if model.map_scale is None:
+    workdir = os.path.dirname(os.path.dirname(model.path))
+    step = os.path.basename(model.path)
+    raise checkpointing.CheckpointError(
+      f'checkpoint {model.path} has no stored map scale (it was saved by an older '
+      'version) and --mode=score reads no dataset. Store it once: `python main.py '
+      f"--workdir={workdir} --mode=eval --checkpoint={step}` with the run's data in place "
+      '(add --config.dataset.root=... if it moved), then score again.'
+    )
+  return model.map_scale
 
 
 def score_path(workdir: str, images_path: str, write_maps: bool = False, which='latest'):
@@ -217,8 +348,10 @@ def score_path(workdir: str, images_path: str, write_maps: bool = False, which='
 
   The scores come from the run's own scorer (its score_lambda, dtype and evaluation
   batch), so the 'anomalous' column uses the threshold fitted to that very score. Writes
-  `workdir/scores.csv` (path, score, normalised_score, anomalous) and, on request,
-  anomaly-map PNGs under `workdir/anomaly_maps/`.
+  `workdir/scores.csv` (path, score, normalised_score = score / threshold, anomalous,
+  score_kind) and, on request, anomaly-map PNGs under `workdir/anomaly_maps/`. Reads no
+  dataset: what the scores need beyond the networks and the calibration (the maps'
+  scale) is stored with the checkpoint.
 
   Returns:
     The CSV path.
@@ -236,17 +369,23 @@ def score_path(workdir: str, images_path: str, write_maps: bool = False, which='
   local = None  # A map score: the run's smoothed maps and their image scores.
   if specs.score.kind in localisation.MAP_SCORE_KINDS:
     settings = specs.localisation
-    # 'rec+d' is in validation-normal units: the run's validation images are read again.
-    val = input_pipeline.load_splits(specs.data).val if settings.map == 'rec+d' else None
-    local = localisation.score_images(model.params, images, specs.score.kind, settings, val)
+    # 'rec+d' is in validation-normal units: stored with the checkpoint (no data read).
+    terms = map_scale(model).terms if settings.map == 'rec+d' else None
+    local = localisation.score_images(model.params, images, specs.score.kind, settings, terms)
   scores = local['score'] if local else model.scorer(model.params, images)['score']
-  csv_path = os.path.join(workdir, 'scores.csv')
-  outputs.write_scores_csv(csv_path, paths, scores, model.calibration)
-  if write_maps:  # (x - G(x))^2 over channels (no lambda in it), or the map score's maps.
-    maps = (
-      local['anomaly_map']
-      if local
-      else score_details(model.params, images, return_maps=True)['anomaly_map']
+  csv_path = os.path.join(workdir, outputs.SCORES_CSV)
+  outputs.write_scores_csv(csv_path, paths, scores, model.calibration, specs.score.kind)
+  if write_maps:  # The run's localisation maps, in units of the normal level.
+    settings, scale = specs.localisation, map_scale(model)
+    maps = localisation.display_maps(model.params, images, settings, scale)
+    outputs.write_anomaly_maps(
+      os.path.join(workdir, outputs.MAPS_FOLDER),
+      paths,
+      images,
+      maps,
+      settings,
+      scale,
+      np.asarray(scores),
+      model.calibration,
     )
-    outputs.write_anomaly_maps(os.path.join(workdir, 'anomaly_maps'), paths, np.asarray(maps))
   return csv_path

@@ -9,6 +9,42 @@ import os
 
 from tensorboardX import SummaryWriter
 
+from skipganomaly_jax.reporting.outputs import AUROC_KEYS
+
+# Report keys of the run's own score (config.score_kind): tagged '<key>/<score kind>'.
+OWN_SCORE_KEYS = (
+  'auroc',
+  'average_precision',
+  'f1',
+  'precision',
+  'recall',
+  'threshold',
+  'mean_score_normal',
+  'mean_score_abnormal',
+  'val_score',
+)
+
+
+def eval_scalars(report: dict) -> dict:
+  """An evaluation report's numbers under tags that name their score.
+
+  Every score's AUROC is 'auroc/<kind>' ('auroc/paper', 'auroc/latent_knn',
+  'auroc/map_max', 'auroc/map_topk'; the run's own score's is among them); the run's own
+  score's other metrics are '<metric>/<kind>' ('f1/map_topk', 'threshold/paper', ...);
+  the reference protocol's AUROC (of the paper score) is 'auroc/paper_reference_protocol';
+  the rest (pixel_auroc, pro, counts, epoch, step) keep their names. Same values.
+  """
+  kind = report['score_kind']
+  own = {f'{k}/{kind}': report[k] for k in OWN_SCORE_KEYS if k in report}
+  others = {f'auroc/{k}': report[key] for k, key in AUROC_KEYS.items() if key in report}
+  renamed = {'reference_protocol_auroc': 'auroc/paper_reference_protocol'}
+  tagged = {**others, **own}
+  for k, v in report.items():
+    if k in OWN_SCORE_KEYS or k in AUROC_KEYS.values() or not isinstance(v, int | float):
+      continue
+    tagged[renamed.get(k, k)] = v
+  return {k: v for k, v in tagged.items() if isinstance(v, int | float)}
+
 
 class MetricWriter:
   """Writes scalars to `workdir/tensorboard/` and appends them to `workdir/metrics.jsonl`.

@@ -1,33 +1,40 @@
-"""Overlay PNG of localisation: input, anomaly map and ground-truth mask contour.
+"""Anomaly maps drawn on images: localisation.png, and the overlays of `--mode=score --maps`.
 
-One column per test image (a few normal, then a few defective ones); rows: the input with
-the mask contour (cyan), and the anomaly map with the same contour, on one 'hot' scale
-whose top is the larger of the validation normals' 99.9th percentile and half the largest
-value shown (so a normal image's map looks as dark as it should). Drawn as plots.py does:
-an explicit Agg canvas, no pyplot state.
+localisation.png: one column per test image (a few normal, then defective ones covering
+every defect kind), titled with the run's image score and its decision; rows: the input
+with the mask contour (cyan), and the anomaly map with the same contour, on the fixed
+'hot' scale [0, localisation.DISPLAY_MAX] in units of the normal level (the map divided by
+the 99.9th percentile of the validation normals' map pixels; `localisation.display_maps`),
+the same map and scale as reconstructions.png and `--maps`. Drawn as plots.py does: an
+explicit Agg canvas, no pyplot state.
+
+`overlay_image`: one image with its map blended on it as colour and a legend (PIL, no
+figure), for `--maps`.
 """
 
+import math
 import os
 
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
 
 from skipganomaly_jax.data import mvtec
+from skipganomaly_jax.reporting import plots
 from skipganomaly_jax.scoring import localisation
 
 FILENAME = 'localisation.png'
+MAP_LABEL = f'anomaly map\n(1 = {localisation.UNIT_NAME})'
+OVERLAY_CMAP = 'jet'
+OVERLAY_ALPHA = 0.6  # The colour's opacity at DISPLAY_MAX; proportional to the map below.
+OVERLAY_SIDE = 256  # Overlays are upscaled (bilinear, integer factor) to at least this.
 
 
 def pick(labels: np.ndarray, kinds, num: int) -> np.ndarray:
-  """The first `num` normal images, then `num` defective ones spread over the kinds."""
-  normal = np.flatnonzero(labels == 0)[:num]
-  bad = np.flatnonzero(labels == 1)
-  if kinds is not None and len(bad):  # Round-robin over the defect kinds.
-    groups = [bad[kinds[bad] == k] for k in sorted(set(kinds[bad]))]
-    bad = np.array([g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)])
-  return np.concatenate([normal, bad[:num]]).astype(int)
+  """The first `num` normal images, then defective ones covering the kinds (`plots`)."""
+  return plots.pick_examples(labels, num, kinds)
 
 
 def save_overlays(path, images, maps, masks, titles, vmax: float | None = None) -> None:
@@ -60,7 +67,7 @@ def save_overlays(path, images, maps, masks, titles, vmax: float | None = None) 
       axes[i, j].set_yticks([])
     axes[0, j].set_title(titles[j], fontsize=7)
   axes[0, 0].set_ylabel('input + mask', fontsize=8)
-  axes[1, 0].set_ylabel('anomaly map', fontsize=8)
+  axes[1, 0].set_ylabel(MAP_LABEL, fontsize=7)
   pos = axes[1, -1].get_position()
   fig.colorbar(heat, cax=fig.add_axes((pos.x1 + 0.01, pos.y0, 0.015, pos.height)))
   os.makedirs(os.path.dirname(os.fspath(path)) or '.', exist_ok=True)
@@ -68,7 +75,15 @@ def save_overlays(path, images, maps, masks, titles, vmax: float | None = None) 
   fig.savefig(path, format='png', dpi=100)
 
 
-def write_overlays(workdir: str, settings: localisation.Settings, variables, splits) -> str | None:
+def write_overlays(
+  workdir: str,
+  settings: localisation.Settings,
+  variables,
+  splits,
+  test_scores=None,
+  calibration=None,
+  scale: localisation.MapScale | None = None,
+) -> str | None:
   """Writes workdir/localisation.png for a few test images; None without masks.
 
   Args:
@@ -76,22 +91,112 @@ def write_overlays(workdir: str, settings: localisation.Settings, variables, spl
     settings: the run's localisation settings.
     variables: host copies of the scoring variables.
     splits: the run's `DataSplits` (with test_masks).
+    test_scores: the run's scores of `splits.test` (the score its threshold applies to);
+      None: the map maximum (in units of the normal level) is shown instead.
+    calibration: the run's `metrics.Calibration`: each column says its decision.
+    scale: the maps' `MapScale` (None: computed from `splits.val`).
   """
   if splits.test_masks is None:
     return None
   kinds = mvtec.defect_kinds(splits)
   idx = pick(splits.test_labels, kinds, settings.num_overlays)
-  d_levels = settings.d_levels if settings.map == 'rec+d' else 0
-  val_terms = localisation.map_terms(variables, splits.val, d_levels)
-  scale = localisation.term_scale(val_terms)
-  val_maps = localisation.combine(val_terms, settings, scale)
-  maps = localisation.anomaly_maps(variables, splits.test[idx], settings, scale)
-  scores = localisation.image_scores(maps, 'map_max')
+  scale = scale or localisation.map_scale(variables, splits.val, settings)
+  maps = localisation.display_maps(variables, splits.test[idx], settings, scale)
   names = (
     kinds[idx] if kinds is not None else np.where(splits.test_labels[idx], 'abnormal', 'normal')
   )
-  titles = [f'{n}\nmax {s:.3g}' for n, s in zip(names, scores, strict=True)]
+  if test_scores is None:
+    titles = [f'{n}\nmap max {m.max():.3g}' for n, m in zip(names, maps, strict=True)]
+  else:
+    threshold = None if calibration is None else calibration.threshold
+    scores = np.asarray(test_scores, np.float64)[idx]
+    titles = [plots.column_title(str(n), s, threshold) for n, s in zip(names, scores, strict=True)]
   path = os.path.join(workdir, FILENAME)
-  vmax = max(float(np.percentile(val_maps, 99.9)), float(np.max(maps)) / 2)
-  save_overlays(path, splits.test[idx], maps, splits.test_masks[idx], titles, vmax)
+  save_overlays(
+    path, splits.test[idx], maps, splits.test_masks[idx], titles, localisation.DISPLAY_MAX
+  )
   return path
+
+
+# ----------------------------------------------------------------------------- --maps overlays
+
+
+def _font(size: int):
+  try:
+    return ImageFont.load_default(size=size)
+  except (TypeError, OSError, ImportError):  # Pillow < 10.1 or without FreeType.
+    return ImageFont.load_default()
+
+
+def _upscale(array: np.ndarray, factor: int) -> np.ndarray:
+  """(H, W) or (H, W, C) float array, each channel upscaled `factor` times (bilinear)."""
+  if factor == 1:
+    return array
+  planes = array[..., None] if array.ndim == 2 else array
+  h, w = planes.shape[:2]
+  out = [
+    np.asarray(
+      Image.fromarray(np.ascontiguousarray(planes[..., c], np.float32), 'F').resize(
+        (w * factor, h * factor), Image.Resampling.BILINEAR
+      )
+    )
+    for c in range(planes.shape[-1])
+  ]
+  return np.stack(out, -1) if array.ndim == 3 else out[0]
+
+
+def overlay_image(image, amap, vmax: float = localisation.DISPLAY_MAX) -> Image.Image:
+  """One image with its anomaly map blended on it, and a colour legend below.
+
+  The colour is the 'jet' colormap of min(map, vmax) / vmax, blended over the image
+  with opacity OVERLAY_ALPHA * min(map, vmax) / vmax (transparent at 0, so normal regions
+  show the image as it is). Image and map are upscaled by an integer factor (bilinear) to
+  at least OVERLAY_SIDE pixels.
+
+  Args:
+    image: uint8 (H, W, C) with C 1 or 3: the image as the model saw it.
+    amap: (H, W) the map in units of the normal level (`localisation.display_maps`).
+    vmax: the top of the colour scale.
+
+  Returns:
+    An RGB PIL image, (H * f + legend) x (W * f).
+  """
+  image, amap = np.asarray(image), np.asarray(amap, np.float32)
+  if image.ndim != 3 or image.shape[-1] not in (1, 3) or amap.shape != image.shape[:2]:
+    raise ValueError(f'image {image.shape} (H, W, 1 or 3) and map {amap.shape} (H, W) mismatch')
+  factor = max(1, math.ceil(OVERLAY_SIDE / max(amap.shape)))
+  rgb = _upscale(np.repeat(image, 3 // image.shape[-1], -1).astype(np.float32), factor)
+  level = np.clip(_upscale(amap, factor) / vmax, 0.0, 1.0)
+  cmap = matplotlib.colormaps[OVERLAY_CMAP]
+  alpha = (OVERLAY_ALPHA * level)[..., None]
+  blended = (1 - alpha) * rgb + alpha * 255.0 * cmap(level)[..., :3]
+  body = Image.fromarray(np.uint8(np.clip(np.rint(blended), 0, 255)), 'RGB')
+  return _with_legend(body, cmap, vmax)
+
+
+def _with_legend(body: Image.Image, cmap, vmax: float) -> Image.Image:
+  """`body` above a legend: the colour bar from 0 to vmax, ticks, and the unit."""
+  width, font = body.width, _font(11)
+  pad, bar_h = 8, 10
+  out = Image.new('RGB', (width, body.height + 48), 'white')
+  out.paste(body, (0, 0))
+  bar = cmap(np.linspace(0.0, 1.0, width - 2 * pad))[None, :, :3]
+  bar = Image.fromarray(np.uint8(np.rint(255 * np.repeat(bar, bar_h, 0))), 'RGB')
+  top = body.height + 4
+  out.paste(bar, (pad, top))
+  draw = ImageDraw.Draw(out)
+  step = 0.5 if vmax <= 3 else 1.0
+  ticks = np.arange(0.0, vmax + 1e-9, step)
+  for t in ticks:
+    x = pad + round(t / vmax * (width - 2 * pad - 1))
+    draw.line([(x, top + bar_h), (x, top + bar_h + 3)], fill='black')
+    label = f'{t:g}+' if t == ticks[-1] and t == vmax else f'{t:g}'
+    draw.text((x, top + bar_h + 3), label, fill='black', font=font, anchor='ma')
+  draw.text(
+    (width - pad, body.height + 33),
+    f'anomaly map, 1 = {localisation.UNIT_NAME}',
+    fill='black',
+    font=font,
+    anchor='rt',
+  )
+  return out

@@ -33,7 +33,7 @@ from skipganomaly_jax.data.batches import eval_batches
 from skipganomaly_jax.data.images import as_model_input
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.scoring import metrics, pixel_metrics
-from skipganomaly_jax.scoring.scores import anomaly_map
+from skipganomaly_jax.scoring.scores import anomaly_map, generator_outputs, score_details
 
 CHUNK = 64  # Images per compiled call.
 
@@ -88,7 +88,7 @@ def _d_features(spec: ModelSpec, variables, x, levels: int) -> list:
 
 @functools.partial(jax.jit, static_argnames=('spec', 'd_levels'))
 def _terms(params, images, spec: ModelSpec, d_levels: int) -> dict:
-  x_hat = spec.generator().apply(params['generator'], images, train=False)
+  x_hat = generator_outputs(spec, params['generator'], images)[0]  # Either model's G(x).
   out = {'rec': anomaly_map(images, x_hat)}
   if d_levels:
     size = images.shape[:3]
@@ -105,12 +105,18 @@ def _terms(params, images, spec: ModelSpec, d_levels: int) -> dict:
 def map_terms(params, images, d_levels: int = 0, chunk: int = CHUNK) -> dict[str, np.ndarray]:
   """The unsmoothed per-pixel terms of images: {'rec': (N, H, W)[, 'd': (N, H, W)]}.
 
+  Without a 'd' term the 'rec' map is `score_details`' own `anomaly_map` (the one
+  definition, for any network that `score_details` scores).
+
   Args:
     params: `score_fn` variables ({'generator': ..., 'discriminator': ...}).
     images: (N, isize, isize, nc), uint8 or float in [-1, 1] (checked as by score_fn).
     d_levels: D levels of the 'd' term (0: no 'd' term).
     chunk: images per compiled call (the batches of `eval_batches`, zero-padded).
   """
+  if not d_levels:
+    rec = score_details(params, images, return_maps=True, chunk=chunk)['anomaly_map']
+    return {'rec': np.asarray(rec, np.float32)}
   spec = ModelSpec.from_variables(params)
   x = as_model_input(images, spec.isize, spec.nc)
   n = x.shape[0]
@@ -163,7 +169,7 @@ def anomaly_maps(params, images, settings: Settings, scale: dict | None = None) 
   return combine(map_terms(params, images, d_levels), settings, scale)
 
 
-def score_images(params, images, kind: str, settings: Settings, val=None) -> dict:
+def score_images(params, images, kind: str, settings: Settings, terms: dict | None = None) -> dict:
   """{'score', 'anomaly_map'} of images with a run's map score (`--mode=score`).
 
   Args:
@@ -171,18 +177,92 @@ def score_images(params, images, kind: str, settings: Settings, val=None) -> dic
     images: (N, isize, isize, nc) images.
     kind: the map score, 'map_max' or 'map_topk'.
     settings: the run's localisation settings.
-    val: the run's validation images: 'rec+d' needs them for its scale ('rec' does not).
+    terms: `term_scale` of the run's validation normals (`MapScale.terms`, stored with
+      its checkpoint): 'rec+d' needs it for its units ('rec' does not).
 
   Raises:
-    ValueError: 'rec+d' without `val`.
+    ValueError: 'rec+d' without `terms`.
   """
-  scale = None
-  if settings.map == 'rec+d':
-    if val is None:
-      raise ValueError("map='rec+d' needs the run's validation images for its scale.")
-    scale = term_scale(map_terms(params, val, settings.d_levels))
-  maps = anomaly_maps(params, images, settings, scale)
+  if settings.map == 'rec+d' and terms is None:
+    raise ValueError("map='rec+d' needs the validation normals' term scale (MapScale.terms).")
+  maps = anomaly_maps(params, images, settings, terms if settings.map == 'rec+d' else None)
   return {'score': image_scores(maps, kind, settings.topk_fraction), 'anomaly_map': maps}
+
+
+# ----------------------------------------------------------------------------- maps to read
+
+# The maps a person reads (reconstructions.png, localisation.png, --mode=score --maps) are
+# the run's map above divided by its "normal level": this percentile of the map over
+# every validation-normal pixel. 1 = as high as the top 0.1% of normal pixels get;
+# pictures clip at DISPLAY_MAX, the top of every colour scale and of the PNGs' grey levels
+# (twice the normal level: on the brick textures, defects peak at 1-4 normal levels and
+# normal images at 0.3-2.3, so a higher top leaves most defects dim).
+UNIT_PERCENTILE = 99.9
+DISPLAY_MAX = 2.0
+UNIT_NAME = 'normal p99.9'  # How figures name the unit.
+
+
+@dataclasses.dataclass(frozen=True)
+class MapScale:
+  """What puts a run's maps on the fixed scale of its pictures; from validation normals.
+
+  Attributes:
+    unit: the raw map value shown as 1: the `percentile`-th percentile of the run's
+      (smoothed) map over every validation-normal pixel.
+    terms: `term_scale` of the validation normals (the 'rec+d' map's term units).
+    percentile: UNIT_PERCENTILE.
+    num_val: the validation images it was computed from.
+  """
+
+  unit: float
+  terms: dict
+  percentile: float = UNIT_PERCENTILE
+  num_val: int = 0
+
+  def to_dict(self) -> dict:
+    """A JSON-safe dict (to store with a checkpoint)."""
+    return {
+      'unit': float(self.unit),
+      'terms': {k: float(v) for k, v in self.terms.items()},
+      'percentile': float(self.percentile),
+      'num_val': int(self.num_val),
+    }
+
+  @classmethod
+  def from_dict(cls, d: dict) -> 'MapScale':
+    return cls(float(d['unit']), dict(d['terms']), float(d['percentile']), int(d['num_val']))
+
+
+def map_scale(params, val, settings: Settings) -> MapScale:
+  """The `MapScale` of a model's maps, from its validation normals `val`."""
+  d_levels = settings.d_levels if settings.map == 'rec+d' else 0
+  val_terms = map_terms(params, val, d_levels)
+  terms = term_scale(val_terms)
+  maps = combine(val_terms, settings, terms)
+  unit = float(np.percentile(maps, UNIT_PERCENTILE)) if maps.size else 0.0
+  return MapScale(max(unit, 1e-12), terms, UNIT_PERCENTILE, len(val))
+
+
+def display_maps(params, images, settings: Settings, scale: MapScale) -> np.ndarray:
+  """The run's (N, H, W) maps of images in units of `scale.unit` (not clipped)."""
+  return anomaly_maps(params, images, settings, scale.terms) / np.float32(scale.unit)
+
+
+def describe(settings: Settings, scale: MapScale) -> str:
+  """One sentence: what a displayed map is, with the run's numbers."""
+  if settings.map == 'rec':
+    raw = '(x - G(x))^2 averaged over channels, x and G(x) in [-1, 1]'
+  else:
+    raw = (
+      f'(x - G(x))^2 / {scale.terms["rec"]:.4g} + {settings.d_weight:g} x D-feature '
+      f'differences (first {settings.d_levels} levels) / {scale.terms["d"]:.4g}'
+    )
+  return (
+    f"the run's localisation map ({raw}; Gaussian sigma {settings.sigma:g} px) divided "
+    f'by {scale.unit:.4g}, the {scale.percentile:g}th percentile of that map over the '
+    f"{scale.num_val} validation normals' pixels: 1 = the normal level; shown up to "
+    f'{DISPLAY_MAX:g}'
+  )
 
 
 # ----------------------------------------------------------------------------- evaluation

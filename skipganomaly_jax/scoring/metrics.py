@@ -6,9 +6,10 @@ anomalous (see docs/method.md, "Anomaly scores"). The ranking metrics (`auroc`,
 included, without depending on scikit-learn at runtime.
 
 `Calibration` is fitted on held-out *normal* (validation) scores only, never on test
-data: it stores a min-max range for display-friendly normalised scores and a decision
-threshold (a percentile of the validation-normal scores), and is saved with the
-checkpoint so that a single image can be scored and classified on its own.
+data: it stores a decision threshold (a percentile of the validation-normal scores) and
+their min-max range, and is saved with the checkpoint so that a single image can be
+scored and classified on its own. Normalised scores are in units of the threshold
+(`NORMALISED_SCORE`): 1.0 is exactly the threshold.
 """
 
 import dataclasses
@@ -16,6 +17,12 @@ import math
 from typing import Any
 
 import numpy as np
+
+# What `Calibration.normalise` (scores.csv's normalised_score) is, in words.
+NORMALISED_SCORE = (
+  'score / threshold: 1.0 is the threshold (above 1 = anomalous), 0 a score of 0; the '
+  "threshold is the threshold_percentile-th percentile of the validation normals' scores"
+)
 
 
 def _as_scores(scores: Any, name: str = 'scores') -> np.ndarray:
@@ -235,11 +242,17 @@ class Calibration:
     return cls(**values, num_val=int(d['num_val']))
 
   def normalise(self, scores: Any) -> np.ndarray:
-    """Min-max scales scores with the *validation* range: (s - min) / (max - min).
+    """Scores in units of the threshold: score / threshold (`NORMALISED_SCORE`).
 
-    This is one fixed, increasing (monotone) map, so it changes no ranking metric; it
-    is never fitted on test data, so a single image can be scored, and test scores may
-    fall outside [0, 1]. A zero validation range scales by 1 (a shift only).
+    1.0 is exactly the threshold: a normalised score above 1 is anomalous, as the raw
+    score above the threshold is (`is_anomalous`); 2.0 is twice the threshold. Every
+    score kind here is >= 0 with 0 meaning no difference at all (a perfect
+    reconstruction, a code equal to a training normal's), so the ratio keeps that zero
+    and needs no offset, and it stays meaningful for scores near zero (e.g. a paper
+    score of 1e-3 with a threshold of 2e-3 is 0.5). One fixed increasing map fitted on
+    validation normals only: no ranking metric changes and a single image can be
+    scored. A threshold <= 0 (degenerate: most validation normals scored 0 or less)
+    cannot divide; then score - threshold + 1, which still puts the threshold at 1.
 
     Args:
       scores: array-like of raw anomaly scores.
@@ -248,8 +261,9 @@ class Calibration:
       The normalised scores, float64, same shape.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    scale = self.score_max - self.score_min
-    return (scores - self.score_min) / (scale if scale > 0 else 1.0)
+    if self.threshold > 0:
+      return scores / self.threshold
+    return scores - self.threshold + 1.0
 
   def is_anomalous(self, scores: Any) -> np.ndarray:
     """Returns a boolean array: True where a raw score is above the threshold."""

@@ -40,6 +40,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 STATE_ITEM = 'state'
 META_ITEM = 'meta'
 METRIC_NAME = 'val_score'
+_META_FILE = 'metadata'  # The file of the meta item (Orbax's JsonCheckpointHandler's name).
 _MAX_LISTED = 5
 
 
@@ -347,6 +348,27 @@ class Checkpointer:
         f'checkpoint meta {os.path.join(self.step_path(step), META_ITEM)} is unreadable: '
         f'{_short(e)}'
       ) from e
+
+  def update_meta(self, step: int, updates: Mapping[str, Any]) -> None:
+    """Adds or replaces keys of one finished step's meta, in place.
+
+    For what a later evaluation computes for exactly these networks (e.g. the maps'
+    scale, which older versions did not store). The meta item's JSON file is rewritten
+    atomically (written beside it, then renamed), so a reader sees the old or the new.
+    """
+    step = self._resolve_step(step)
+    meta = self.restore_meta(step)
+    try:
+      meta.update(json.loads(json.dumps(dict(updates))))
+    except (TypeError, ValueError) as e:
+      raise TypeError(f'checkpoint meta for step {step} is not JSON-serialisable: {e}') from e
+    path = os.path.join(self.step_path(step), META_ITEM, _META_FILE)
+    if not os.path.isfile(path):
+      raise CheckpointError(f'checkpoint meta {path} is missing: cannot update it')
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(meta, f)
+    os.replace(tmp, path)
 
   def delete(self, step: int) -> None:
     """Deletes one step's checkpoint (after any pending save has finished)."""

@@ -28,7 +28,7 @@ from skipganomaly_jax import config as config_lib
 from skipganomaly_jax.data import input_pipeline
 from skipganomaly_jax.parallel import make_mesh, replicate, shard_batch
 from skipganomaly_jax.reporting import outputs, overlays
-from skipganomaly_jax.reporting.metric_writer import MetricWriter
+from skipganomaly_jax.reporting.metric_writer import MetricWriter, eval_scalars
 from skipganomaly_jax.scoring import evaluation, localisation, metrics
 from skipganomaly_jax.scoring.scores import scoring_variables
 from skipganomaly_jax.training import checkpointing, training_step
@@ -211,9 +211,7 @@ def evaluate_epoch(ctx: TrainingContext, g, d, epoch: int, step: int, stop=None)
   if ctx.specs.score.kind != 'latent_knn':
     knn_bank = None  # The paper score's checkpoints and params carry no bank.
   report = {**report, 'epoch': epoch, 'step': step}  # Led by the scores' AUROCs.
-  ctx.writer.write_scalars(
-    step, {k: v for k, v in report.items() if isinstance(v, int | float)}, prefix='eval/'
-  )
+  ctx.writer.write_scalars(step, eval_scalars(report), prefix='eval/')  # Tags name the score.
   return report, calibration, test_scores, knn_bank
 
 
@@ -227,15 +225,22 @@ def save(ctx: TrainingContext, g, d, step: int, history, evaluated=None) -> None
     step: the training step.
     history: the evaluation reports so far.
     evaluated: (knn_bank, calibration, val_score) of exactly these networks, or None for
-      a preemption checkpoint, which then stores neither bank nor calibration.
+      a preemption checkpoint, which then stores neither bank nor calibration. An
+      evaluated checkpoint also stores its maps' `localisation.MapScale` (from the
+      validation normals), so that --mode=score never reads the training data.
   """
   knn_bank, calibration, val_score = evaluated or (None, None, None)
+  scale = None
+  if evaluated is not None:
+    variables = jax.device_get(scoring_variables(g, d))  # Replicated: local copies.
+    scale = localisation.map_scale(variables, ctx.splits.val, ctx.specs.localisation)
   meta = {
     'config': json.loads(ctx.config.to_json()),
     'calibration': calibration.to_dict() if calibration else None,
     'data_iterator': ctx.train_iter.get_state(),
     'history': history,
     'knn_bank_shape': None if knn_bank is None else list(knn_bank.shape),
+    'map_scale': scale and scale.to_dict(),
   }
   state = {'g': g, 'd': d} | ({} if knn_bank is None else {'knn_bank': knn_bank})
   if step in ctx.checkpointer.all_steps():
@@ -263,7 +268,7 @@ def _train_loop(ctx: TrainingContext, g, d, knn_bank, history: list, stop: Preem
           ctx, g, d, epoch, step, stop.requested
         )
         history.append(report)
-        logging.info('epoch %d: %s', epoch, _summary(report))
+        logging.info('epoch %d: %s', epoch, outputs.summary(report, validation=True))
         save(ctx, g, d, step, history, (knn_bank, calibration, report['val_score']))
       elif epoch >= ctx.specs.train.num_epochs:
         return g, d, knn_bank, calibration, test_scores
@@ -316,10 +321,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # Host copies: a jit over the global (all-process) arrays would have to run in
       # every process, but only process 0 plots.
       host = jax.device_get(variables)
+      settings = ctx.specs.localisation
+      scale = localisation.map_scale(host, ctx.splits.val, settings)  # Of the pictures' maps.
       outputs.write_all(
-        workdir, ctx.splits, host, test_scores, history, calibration, ctx.specs.score
+        workdir,
+        ctx.splits,
+        host,
+        test_scores,
+        history,
+        calibration,
+        ctx.specs.score,
+        settings,
+        scale,
       )
-      overlays.write_overlays(workdir, ctx.specs.localisation, host, ctx.splits)
+      overlays.write_overlays(workdir, settings, host, ctx.splits, test_scores, calibration, scale)
   except evaluation.Interrupted:
     pass  # Saved; the checkpointer's close below waits for the write.
   finally:
@@ -327,18 +342,3 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ctx.checkpointer.close()
     ctx.writer.close()
   return history[-1] if history else {}
-
-
-def _summary(report: dict) -> str:
-  keys = (
-    'paper_score_auroc',
-    'latent_knn_auroc',
-    'auroc',
-    'average_precision',
-    'f1',
-    'val_score',
-    'reference_protocol_auroc',
-    'pixel_auroc',
-    'pro',
-  )
-  return ', '.join(f'{k}={report[k]:.4f}' for k in keys if k in report)

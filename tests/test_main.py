@@ -188,6 +188,10 @@ def test_score_mode_writes_csv_and_maps(trained, tmp_path, rng):
   assert rows[0] == 'path,score,normalised_score,anomalous,score_kind' and len(rows) == 4
   assert all(r.split(',')[3] in ('yes', 'no') for r in rows[1:])
   assert len(os.listdir(trained / 'anomaly_maps')) == 6  # A map and an overlay per image.
+  for name in ('1.png', '2.png'):
+    (images / name).unlink()
+  main_in_process(f'--workdir={trained}', '--mode=score', f'--images={images}', '--maps')
+  assert len(os.listdir(trained / 'anomaly_maps')) == 2  # The earlier folder's PNGs are gone.
 
 
 def test_corrupt_checkpoint_is_named(trained, tmp_path):

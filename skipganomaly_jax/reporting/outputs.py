@@ -273,6 +273,11 @@ def write_anomaly_maps(
     The paths written: map, overlay, map, overlay, ...
   """
   os.makedirs(folder, exist_ok=True)
+  # The PNGs of an earlier --maps run (another folder of images) would otherwise stay
+  # beside these and read as theirs; only files of our own naming are removed.
+  for name in os.listdir(folder):
+    if name.endswith(('_map.png', '_overlay.png')) and name[:5].isdigit():
+      os.remove(os.path.join(folder, name))
   top = localisation.DISPLAY_MAX
   common = {
     'quantity': f'anomaly map (1 = {localisation.UNIT_NAME})',

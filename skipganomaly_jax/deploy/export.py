@@ -243,7 +243,8 @@ def detector_metadata(params, lam: float, calibration, which) -> dict:
       'meaning': 'anomaly score, higher = more anomalous',
     },
     'score_kind': score_kind,
-    'score_lambda': float(lam),
+    # GANomaly's own score has no lambda.
+    'score_lambda': float(lam) if spec.name == 'skipganomaly' else None,
     'threshold': float(calibration.threshold),
     'decision': 'anomalous = score > threshold',
     'calibration': calibration.to_dict(),
@@ -301,10 +302,22 @@ def export_run(workdir: str, fmt: str = 'stablehlo', which='latest') -> str:
     raise ExportError(f'format must be one of {FORMATS}; got {fmt!r}.')
   model = trained_run.restore(workdir, which)
   params, calibration, lam = model.params, model.calibration, float(model.specs.score.lam)
+  kind = model.specs.score.kind
+  if kind not in ('paper', 'latent_knn'):
+    # The exported scorer computes the network scores only: exporting it with this run's
+    # threshold would pair the paper score with a threshold fitted on map scores.
+    raise ExportError(
+      f'the run in {workdir} scores images by {kind!r} (from the smoothed anomaly map), '
+      "which the exported scorer does not compute (it exports 'paper' or 'latent_knn'). "
+      f'Score this run with --mode=score, or export a run trained with '
+      "--config.score_kind=paper or latent_knn."
+    )
   if calibration is None:
     raise ExportError(
-      f'the checkpoint in {workdir} has no calibration (preempted before its first '
-      'evaluation): train at least one epoch, then export.'
+      f'the checkpoint in {workdir} has no calibration, so no threshold: it was imported '
+      'from reference weights without its dataset (python -m '
+      'skipganomaly_jax.import_reference --nocalibrate, or the data was missing). Rerun '
+      'the import with the dataset in place, then export.'
     )
   params = jax.device_get(params)
   meta = detector_metadata(params, lam, calibration, which)

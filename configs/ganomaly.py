@@ -17,21 +17,12 @@ Another width: set both, --config.model.ngf=32 --config.model.ndf=32.
 Measured result (configs/ganomaly.py:demo): to be measured.
 """
 
-import importlib
+from configs import load_base
 
 
 def get_config(base: str = 'cifar10_arrays'):
   """The base config (configs/<base>.py) with GANomaly's networks, step and score."""
-  try:
-    module = importlib.import_module(f'configs.{base}')
-  except ModuleNotFoundError as error:
-    if error.name != f'configs.{base}':
-      raise  # The base exists but needs something missing: its own error says what.
-    raise ValueError(
-      f'configs/ganomaly.py:{base}: no config named {base!r} in configs/ (use e.g. '
-      'configs/ganomaly.py:cifar10_arrays or configs/ganomaly.py:demo).'
-    ) from error
-  config = module.get_config()
+  config = load_base('ganomaly', base)
   config.model.name = 'ganomaly'
   config.model.ndf = config.model.ngf  # GANomaly's D is as wide as its G.
   return config

@@ -23,22 +23,14 @@ Per-class numbers: benchmarks/results/quality_no_skips/quality.md (MNIST-5k) and
 benchmarks/results/quality_cifar10_dev_no_skips/quality.md (CIFAR-10 dev).
 """
 
-import importlib
 import math
+
+from configs import load_base
 
 
 def get_config(base: str = 'cifar10_arrays'):
   """The base config (configs/<base>.py) with the skip-free G and the latent k-NN score."""
-  try:
-    module = importlib.import_module(f'configs.{base}')
-  except ModuleNotFoundError as error:
-    if error.name != f'configs.{base}':
-      raise  # The base exists but needs something missing: its own error says what.
-    raise ValueError(
-      f'configs/no_skips.py:{base}: no config named {base!r} in configs/ (use e.g. '
-      'configs/no_skips.py:cifar10_arrays or configs/no_skips.py:demo).'
-    ) from error
-  config = module.get_config()
+  config = load_base('no_skips', base)
   # Every skip of the U-Net: it has log2(isize) levels and one skip fewer.
   config.model.drop_outer_skips = int(math.log2(config.isize)) - 1
   config.score_kind = 'latent_knn'

@@ -8,9 +8,10 @@ computed; an imported checkpoint must reproduce it.
 import json
 
 import numpy as np
+import parity_helpers
 import pytest
-from conftest import load_config
-from test_ganomaly_parity import FIXTURE, FORWARD_RTOL, SPEC, nhwc, relative, state_dict
+from parity_helpers import load_fixture, nhwc, relative, state_dict
+from test_ganomaly_parity import FIXTURE, FORWARD_RTOL, SPEC
 
 import skipganomaly_jax
 from skipganomaly_jax.deploy import import_reference
@@ -20,19 +21,12 @@ from skipganomaly_jax.scoring import scores
 
 @pytest.fixture(scope='module')
 def ref():
-  with np.load(FIXTURE) as data:
-    return {k: data[k] for k in data.files}
+  return load_fixture(FIXTURE)
 
 
 def import_config(dataset: str = 'mnist_offline'):
-  """The offline digits as RGB, with the fixture's GANomaly architecture."""
-  config = load_config('demo')
-  config.model.name = 'ganomaly'
-  config.nc, config.model.ngf, config.model.ndf, config.model.nz = 3, SPEC.ngf, SPEC.ndf, SPEC.nz
-  config.eval_batch_size = 512
-  if dataset == 'missing':
-    config.dataset.name, config.dataset.root = 'folder', '/nonexistent/skipganomaly_data'
-  return config
+  """The offline digits as RGB, with the fixture's architecture."""
+  return parity_helpers.import_config(SPEC, dataset)
 
 
 def test_import_without_dataset_scores_like_the_authors(ref, tmp_path):

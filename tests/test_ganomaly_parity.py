@@ -17,17 +17,15 @@ on purpose (a wrong loss weight, a missing loss term, a skipped BatchNorm update
 checks that the comparison then fails; run with -s to see each break's numbers.
 """
 
-import functools
 import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import parity_helpers
 import pytest
-from conftest import load_config
+from parity_helpers import nhwc, relative, show, state_dict, tree_relative
 
-from skipganomaly_jax import config as config_lib
 from skipganomaly_jax.nets import ganomaly_weights
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.scoring import scores
@@ -50,13 +48,7 @@ OUTPUTS = ('fake', 'latent_i', 'latent_o', 'pred_real', 'feat_real', 'score')
 
 @pytest.fixture(scope='module')
 def ref():
-  with np.load(FIXTURE) as data:
-    return {k: data[k] for k in data.files}
-
-
-def state_dict(ref, prefix: str, net: str) -> dict:
-  start = f'{prefix}/{net}/'
-  return {k[len(start) :]: v for k, v in ref.items() if k.startswith(start)}
+  return parity_helpers.load_fixture(FIXTURE)
 
 
 def variables(ref, prefix: str) -> dict:
@@ -69,33 +61,8 @@ def variables(ref, prefix: str) -> dict:
   )
 
 
-def nhwc(x):
-  return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
-
-
-def relative(ours, theirs) -> float:
-  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-  assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-  return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
-
-
-def tree_relative(ours, theirs) -> dict:
-  """{'layer/leaf': relative error} over two nested dicts of the same structure."""
-  flat_ours = jax.tree_util.tree_flatten_with_path(ours)[0]
-  flat_theirs = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
-  return {jax.tree_util.keystr(p): relative(v, flat_theirs[p]) for p, v in flat_ours}
-
-
-def show(errors: dict) -> str:
-  """Every entry, untruncated (pytest shortens a non-string assertion message)."""
-  return ', '.join(f'{k}: {v:.3g}' for k, v in errors.items())
-
-
 def parity_config():
-  config = load_config('default')
-  config.model.name = 'ganomaly'
-  config.model.ngf, config.model.ndf, config.model.nz = SPEC.ngf, SPEC.ndf, SPEC.nz
-  return config
+  return parity_helpers.parity_config(SPEC)
 
 
 def test_config_is_the_fixtures(ref):
@@ -109,26 +76,8 @@ def test_config_is_the_fixtures(ref):
 
 
 def run_steps(ref, config):
-  """Our real jitted train_step from the fixture's initial weights on x0, x1, x2.
-
-  Returns {'init': (g, d), 'step1': (g, d, metrics), 'step3': (g, d, metrics)}.
-  """
-  init = variables(ref, 'init')
-  spec = training_step.StepSpec.from_specs(config_lib.specs(config))
-  g, d = training_step.create_train_states(spec, jax.random.key(0))
-  g = g.replace(params=init['generator']['params'], batch_stats=init['generator']['batch_stats'])
-  d = d.replace(
-    params=init['discriminator']['params'], batch_stats=init['discriminator']['batch_stats']
-  )
-  g = g.replace(opt_state=g.tx.init(g.params))
-  d = d.replace(opt_state=d.tx.init(d.params))
-  step = jax.jit(functools.partial(training_step.train_step, spec=spec))
-  out = {'init': (g, d)}
-  for i, name in enumerate(('x0', 'x1', 'x2')):
-    g, d, metrics = step(g, d, nhwc(ref[name]), jax.random.key(i))
-    if i in (0, 2):
-      out[f'step{i + 1}'] = (g, d, metrics)
-  return out
+  """Our real jitted train_step from the fixture's initial weights (`parity_helpers`)."""
+  return parity_helpers.run_steps(ref, config, variables(ref, 'init'))
 
 
 @pytest.fixture(scope='module')
@@ -175,33 +124,18 @@ def gradient_errors(ref, trained, config) -> dict:
   expected = reference_gradients(ref)
   errors = {}
   for key, state in (('generator', g), ('discriminator', d)):
-    ours = jax.tree.map(lambda mu: mu / (1.0 - b1), state.opt_state[0].mu)
+    ours = parity_helpers.first_step_gradients(state, b1)
     errors.update({f'{key}{k}': v for k, v in tree_relative(ours, expected[key]).items()})
   return errors
 
 
 def params_report(ref, trained, config, after: str) -> dict:
   """Per network: mean |u - u_ref| and the share of entries with |u - u_ref| > 0.01, for
-  u = (param - init) / lr, the update in learning rates."""
-  init = variables(ref, 'init')
-  expected = variables(ref, after)
-  lr = config.optim.lr
+  u = (param - init) / lr, the update in learning rates (`parity_helpers.params_report`)."""
   g, d, _ = trained[after]
-  report = {}
-  for key, state in (('generator', g), ('discriminator', d)):
-    ours = jax.tree.leaves(state.params)
-    start = jax.tree.leaves(init[key]['params'])
-    theirs = jax.tree.leaves(expected[key]['params'])
-    diff = np.concatenate(
-      [((np.asarray(o, np.float64) - t) / lr).ravel() for o, t in zip(ours, theirs, strict=True)]
-    )
-    moved = np.concatenate([((t - s) / lr).ravel() for t, s in zip(theirs, start, strict=True)])
-    report[key] = {
-      'mean_abs': float(np.mean(np.abs(diff))),
-      'share_off': float(np.mean(np.abs(diff) > 0.01)),
-      'reference_mean_abs_update': float(np.mean(np.abs(moved))),
-    }
-  return report
+  return parity_helpers.params_report(
+    (g, d), variables(ref, 'init'), variables(ref, after), config.optim.lr
+  )
 
 
 def params_ok(report: dict) -> bool:
@@ -212,11 +146,7 @@ def params_ok(report: dict) -> bool:
 
 def statistics_errors(ref, trained, after: str) -> dict:
   g, d, _ = trained[after]
-  expected = variables(ref, after)
-  return tree_relative(
-    {'generator': g.batch_stats, 'discriminator': d.batch_stats},
-    {k: expected[k]['batch_stats'] for k in expected},
-  )
+  return parity_helpers.statistics_errors(g, d, variables(ref, after))
 
 
 def eval_outputs(variables_, x0) -> dict:

@@ -11,10 +11,12 @@ import sys
 
 import jax
 import numpy as np
+import parity_helpers
 import pytest
-from conftest import ROOT, load_config
+from conftest import ROOT
+from parity_helpers import load_fixture, nhwc, relative, state_dict
 from PIL import Image
-from test_reference_parity import FIXTURE, FORWARD_RTOL, SPEC, nhwc, relative, state_dict
+from test_reference_parity import FIXTURE, FORWARD_RTOL, SPEC
 
 import skipganomaly_jax
 from skipganomaly_jax.deploy import import_reference, trained_run
@@ -25,18 +27,12 @@ from skipganomaly_jax.scoring import scores
 
 @pytest.fixture(scope='module')
 def ref():
-  with np.load(FIXTURE) as data:
-    return {k: data[k] for k in data.files}
+  return load_fixture(FIXTURE)
 
 
 def import_config(dataset: str = 'mnist_offline'):
   """The offline digits as RGB, with the fixture's architecture."""
-  config = load_config('demo')
-  config.nc, config.model.ngf, config.model.ndf, config.model.nz = 3, SPEC.ngf, SPEC.ndf, SPEC.nz
-  config.eval_batch_size = 512
-  if dataset == 'missing':
-    config.dataset.name, config.dataset.root = 'folder', '/nonexistent/skipganomaly_data'
-  return config
+  return parity_helpers.import_config(SPEC, dataset)
 
 
 def paper_score_of_x0(workdir, ref):

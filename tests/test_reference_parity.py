@@ -12,20 +12,17 @@ paper score and the jitted `train_step` (float32, conv_impl 'auto' = the CPU fas
 path of real training). "Relative" below is max |ours - ref| / max |ref| over an array.
 """
 
-import functools
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import parity_helpers
 import pytest
-from conftest import load_config
+from parity_helpers import nhwc, relative, show, state_dict, tree_relative
 
-from skipganomaly_jax import config as config_lib
 from skipganomaly_jax.nets import torch_weights
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.scoring import scores
-from skipganomaly_jax.training import training_step
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / 'data' / 'reference_parity_ngf8.npz'
 SPEC = ModelSpec(isize=32, nc=3, ngf=8, ndf=8, nz=10)
@@ -37,13 +34,7 @@ GRAD_RTOL = 1e-5
 
 @pytest.fixture(scope='module')
 def ref():
-  with np.load(FIXTURE) as data:
-    return {k: data[k] for k in data.files}
-
-
-def state_dict(ref, prefix: str, net: str) -> dict:
-  start = f'{prefix}/{net}/'
-  return {k[len(start) :]: v for k, v in ref.items() if k.startswith(start)}
+  return parity_helpers.load_fixture(FIXTURE)
 
 
 def variables(ref, prefix: str) -> dict:
@@ -53,60 +44,13 @@ def variables(ref, prefix: str) -> dict:
   )
 
 
-def nhwc(x):
-  return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
-
-
-def relative(ours, theirs) -> float:
-  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-  assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-  return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
-
-
-def tree_relative(ours, theirs) -> dict:
-  """{'layer/leaf': relative error} over two nested dicts of the same structure."""
-  flat_ours = jax.tree_util.tree_flatten_with_path(ours)[0]
-  flat_theirs = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
-  return {jax.tree_util.keystr(p): relative(v, flat_theirs[p]) for p, v in flat_ours}
-
-
-def show(errors: dict) -> str:
-  """Every entry, untruncated (pytest shortens a non-string assertion message)."""
-  return ', '.join(f'{k}: {v:.3g}' for k, v in errors.items())
-
-
 def parity_config():
-  config = load_config('default')
-  config.model.ngf, config.model.ndf, config.model.nz = SPEC.ngf, SPEC.ndf, SPEC.nz
-  return config
-
-
-def run_steps(ref, config):
-  """Our real jitted train_step from the fixture's initial weights on x0, x1, x2.
-
-  Returns {'init': (g, d), 'step1': (g, d, metrics), 'step3': (g, d, metrics)}.
-  """
-  init = variables(ref, 'init')
-  spec = training_step.StepSpec.from_specs(config_lib.specs(config))
-  g, d = training_step.create_train_states(spec, jax.random.key(0))
-  g = g.replace(params=init['generator']['params'], batch_stats=init['generator']['batch_stats'])
-  d = d.replace(
-    params=init['discriminator']['params'], batch_stats=init['discriminator']['batch_stats']
-  )
-  g = g.replace(opt_state=g.tx.init(g.params))
-  d = d.replace(opt_state=d.tx.init(d.params))
-  step = jax.jit(functools.partial(training_step.train_step, spec=spec))
-  out = {'init': (g, d)}
-  for i, name in enumerate(('x0', 'x1', 'x2')):
-    g, d, metrics = step(g, d, nhwc(ref[name]), jax.random.key(i))
-    if i in (0, 2):
-      out[f'step{i + 1}'] = (g, d, metrics)
-  return out
+  return parity_helpers.parity_config(SPEC)
 
 
 @pytest.fixture(scope='module')
 def trained(ref):
-  return run_steps(ref, parity_config())
+  return parity_helpers.run_steps(ref, parity_config(), variables(ref, 'init'))
 
 
 # ---- Outputs at initialisation ----------------------------------------------------------
@@ -193,8 +137,7 @@ def test_step1_gradients_equal_reference(ref, trained):
   b1 = parity_config().optim.b1
   expected = reference_gradients(ref)
   for key, state in (('generator', g), ('discriminator', d)):
-    ours = jax.tree.map(lambda mu: mu / (1.0 - b1), state.opt_state[0].mu)
-    errors = tree_relative(ours, expected[key])
+    errors = tree_relative(parity_helpers.first_step_gradients(state, b1), expected[key])
     assert max(errors.values()) < GRAD_RTOL, f'{key}: {show(errors)}'
 
 
@@ -217,24 +160,10 @@ def test_params_equal_reference(ref, trained, after):
   share of entries, and so does updating the wrong network (measured on the mistakes of
   README "Parity with the reference": mean 0.09 to 2.1, 5% to 99% of entries off).
   """
-  init = variables(ref, 'init')
-  expected = variables(ref, after)
-  lr = parity_config().optim.lr
   g, d, _ = trained[after]
-  report = {}
-  for key, state in (('generator', g), ('discriminator', d)):
-    ours = jax.tree.leaves(state.params)
-    start = jax.tree.leaves(init[key]['params'])
-    theirs = jax.tree.leaves(expected[key]['params'])
-    diff = np.concatenate(
-      [((np.asarray(o, np.float64) - t) / lr).ravel() for o, t in zip(ours, theirs, strict=True)]
-    )
-    moved = np.concatenate([((t - s) / lr).ravel() for t, s in zip(theirs, start, strict=True)])
-    report[key] = {
-      'mean_abs': float(np.mean(np.abs(diff))),
-      'share_off': float(np.mean(np.abs(diff) > 0.01)),
-      'reference_mean_abs_update': float(np.mean(np.abs(moved))),
-    }
+  report = parity_helpers.params_report(
+    (g, d), variables(ref, 'init'), variables(ref, after), parity_config().optim.lr
+  )
   for r in report.values():
     assert r['mean_abs'] < 1e-3 and r['share_off'] < 1e-4, str(report)
 
@@ -253,11 +182,7 @@ def test_running_statistics_equal_reference(ref, trained, after):
   1e-4 there. The mistakes of the README's list move the statistics by 4e-3 to 0.4.
   """
   g, d, _ = trained[after]
-  expected = variables(ref, after)
-  errors = tree_relative(
-    {'generator': g.batch_stats, 'discriminator': d.batch_stats},
-    {k: expected[k]['batch_stats'] for k in expected},
-  )
+  errors = parity_helpers.statistics_errors(g, d, variables(ref, after))
   assert max(errors.values()) < (FORWARD_RTOL if after == 'step1' else 1e-4), show(errors)
 
 

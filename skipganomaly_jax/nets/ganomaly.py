@@ -19,7 +19,9 @@ isize / 2, each with BatchNorm and ReLU; `extra_layers` times a 3x3 conv, BatchN
 ReLU; a last 4x4 stride-2 transposed conv to nc channels (no bias) and tanh. No conv has
 a bias.
 
-Built from this package's own blocks: `layers.Conv` / `layers.ConvTranspose` (so
+Built from this package's own blocks, through the layer builders of `models` that the
+Skip-GANomaly networks use too (`models.dcgan_features` is the encoder up to 4x4 pixels,
+shared with `models.Discriminator`): `layers.Conv` / `layers.ConvTranspose` (so
 `conv_impl` picks how convs compute, with the same parameters), `models.BatchNorm`
 (PyTorch's running statistics) and the same initialisation as the Skip-GANomaly networks
 (conv kernels N(0, 0.02), BatchNorm scale N(1, 0.02), biases 0), so `models.reinit_params`
@@ -27,7 +29,6 @@ re-initialises these too. With ngf = 64, nz = 100, extra_layers = 0, isize 32 an
 the parameter counts equal the authors' exactly: G 3,206,528, D 663,296.
 """
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -35,7 +36,16 @@ import jax
 import jax.numpy as jnp
 
 from skipganomaly_jax.nets import layers
-from skipganomaly_jax.nets.models import BatchNorm, check_geometry
+from skipganomaly_jax.nets.models import (
+  batch_norm,
+  check_geometry,
+  code_conv,
+  conv_layer,
+  conv_transpose_layer,
+  dcgan_features,
+  discriminator_outputs,
+  encoder_levels,
+)
 
 __all__ = [
   'CodeConvTranspose',
@@ -51,11 +61,6 @@ __all__ = [
 Dtype = Any
 
 
-def encoder_levels(isize: int) -> int:
-  """The 4x4 stride-2 convs after the first one of a DCGAN encoder: isize / 2 down to 4."""
-  return int(math.log2(isize)) - 3
-
-
 def decoder_width(isize: int, ngf: int) -> int:
   """The decoder's width at 4x4 pixels: (ngf // 2) doubled once per level up to isize / 2.
 
@@ -69,28 +74,6 @@ def check_ganomaly_widths(ngf: int, nz: int, extra_layers: int) -> None:
   for name, value, low in (('ngf', ngf, 2), ('nz', nz, 1), ('extra_layers', extra_layers, 0)):
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
       raise ValueError(f'{name} must be an integer >= {low}; got {value!r}.')
-
-
-def _encoder_features(x, train: bool, stat_updates: int, width: int, module) -> jax.Array:
-  """The DCGAN encoder up to its last hidden activation (N, 4, 4, C), inside `module`.
-
-  Creates its layers as children of `module` (called from its compact `__call__`):
-  'conv_0'; 'extra_<t>', 'extra_bn_<t>'; 'conv_<i>', 'bn_<i>' for i >= 1.
-  """
-  conv = lambda features, name, **kw: layers.Conv(
-    features, dtype=module.dtype, impl=module.conv_impl, name=name, **kw
-  )
-  norm = lambda h, name: BatchNorm(module.axis_name, module.dtype, name=name)(
-    h, train, stat_updates
-  )
-  h = nn.leaky_relu(conv(width, 'conv_0')(x.astype(module.dtype)), 0.2)
-  for t in range(module.extra_layers):
-    h = conv(width, f'extra_{t}', kernel_size=3, stride=1, padding=1)(h)
-    h = nn.leaky_relu(norm(h, f'extra_bn_{t}'), 0.2)
-  for i in range(1, encoder_levels(module.isize) + 1):
-    width *= 2
-    h = nn.leaky_relu(norm(conv(width, f'conv_{i}')(h), f'bn_{i}'), 0.2)
-  return h
 
 
 class CodeConvTranspose(nn.Module):
@@ -142,16 +125,8 @@ class GanomalyEncoder(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True, stat_updates: int = 1):
     """The code of x: (N, nz), in `dtype` (the 1x1 spatial axes dropped)."""
-    h = _encoder_features(x, train, stat_updates, self.width, self)
-    code = layers.Conv(
-      self.nz,
-      kernel_size=4,
-      stride=1,
-      padding=0,
-      dtype=self.dtype,
-      impl=self.conv_impl,
-      name='final',
-    )(h)
+    h = dcgan_features(self, x, train, stat_updates, self.width, self.extra_layers)
+    code = code_conv(self, self.nz, 'final')(h)
     return code.reshape(code.shape[0], self.nz)
 
 
@@ -180,26 +155,17 @@ class GanomalyDecoder(nn.Module):
   @nn.compact
   def __call__(self, z, train: bool = True):
     """The image of codes z ((N, nz) or (N, 1, 1, nz)): (N, isize, isize, nc), float32."""
-    norm = lambda h, name: BatchNorm(self.axis_name, self.dtype, name=name)(h, train)
     width = decoder_width(self.isize, self.ngf)
     h = CodeConvTranspose(width, self.dtype, name='convt_0')(z)
-    h = nn.relu(norm(h, 'bn_0'))
+    h = nn.relu(batch_norm(self, h, 'bn_0', train))
     for i in range(1, encoder_levels(self.isize) + 1):
       width //= 2
-      h = layers.ConvTranspose(width, dtype=self.dtype, impl=self.conv_impl, name=f'convt_{i}')(h)
-      h = nn.relu(norm(h, f'bn_{i}'))
+      h = conv_transpose_layer(self, width, f'convt_{i}')(h)
+      h = nn.relu(batch_norm(self, h, f'bn_{i}', train))
     for t in range(self.extra_layers):
-      h = layers.Conv(
-        width,
-        kernel_size=3,
-        stride=1,
-        padding=1,
-        dtype=self.dtype,
-        impl=self.conv_impl,
-        name=f'extra_{t}',
-      )(h)
-      h = nn.relu(norm(h, f'extra_bn_{t}'))
-    h = layers.ConvTranspose(self.nc, dtype=self.dtype, impl=self.conv_impl, name='final')(h)
+      h = conv_layer(self, width, f'extra_{t}', kernel_size=3, stride=1, padding=1)(h)
+      h = nn.relu(batch_norm(self, h, f'extra_bn_{t}', train))
+    h = conv_transpose_layer(self, self.nc, 'final')(h)
     return jnp.tanh(h.astype(jnp.float32))
 
 
@@ -213,9 +179,7 @@ class GanomalyGenerator(nn.Module):
     nz: code size.
     extra_layers: the authors' `extralayers` option, for all three sub-networks (0 in
       their defaults and the paper).
-    axis_name: mapped axis over which BatchNorm averages batch statistics in training.
-    dtype: compute dtype (parameters stay float32).
-    conv_impl: how convs compute, 'auto' | 'lax' | 'fast' (see `layers`; same params).
+    axis_name, dtype, conv_impl: as `GanomalyEncoder`.
   """
 
   isize: int = 32
@@ -275,10 +239,7 @@ class GanomalyDiscriminator(nn.Module):
     isize: image height = width, a power of two >= 32.
     nc: image channels (1 or 3).
     ngf: width of the first level, doubled per level (the authors' opt.ngf).
-    extra_layers: 3x3 conv + BatchNorm + LeakyReLU(0.2) layers at the first level.
-    axis_name: mapped axis over which BatchNorm averages batch statistics in training.
-    dtype: compute dtype (parameters stay float32).
-    conv_impl: how convs compute, 'auto' | 'lax' | 'fast' (see `layers`; same params).
+    extra_layers, axis_name, dtype, conv_impl: as `GanomalyEncoder`.
   """
 
   isize: int = 32
@@ -291,30 +252,13 @@ class GanomalyDiscriminator(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True, stat_updates: int = 1):
-    """D's (logits, features) of x.
-
-    Args:
-      x: NHWC images in [-1, 1].
-      train: BatchNorm with batch statistics (and running-statistics updates).
-      stat_updates: EMA updates of the running statistics in train mode (the authors'
-        step runs D on the same batch more than once; see `models.BatchNorm`).
+    """D's (logits, features) of x, as `models.Discriminator.__call__` (the authors' step
+    also runs D on the same batch more than once: `stat_updates`).
 
     Returns:
       (logits, features): float32 logits (N,) and features (N, F), F as in the class doc.
     """
     check_geometry(self.isize, self.nc)
     check_ganomaly_widths(self.ngf, 1, self.extra_layers)
-    h = _encoder_features(x, train, stat_updates, self.ngf, self)
-    logits = layers.Conv(
-      1,
-      kernel_size=4,
-      stride=1,
-      padding=0,
-      dtype=self.dtype,
-      impl=self.conv_impl,
-      name='classifier',
-    )(h)
-    return (
-      logits.reshape(-1).astype(jnp.float32),
-      h.reshape(h.shape[0], -1).astype(jnp.float32),
-    )
+    h = dcgan_features(self, x, train, stat_updates, self.ngf, self.extra_layers)
+    return discriminator_outputs(code_conv(self, 1, 'classifier')(h), h)

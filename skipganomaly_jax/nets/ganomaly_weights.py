@@ -14,13 +14,11 @@ for each sub-network): conv (out, in, kh, kw) -> (kh, kw, in, out); transposed c
 the decoder included: `ganomaly.CodeConvTranspose` keeps Flax's orientation); BatchNorm
 weight/bias/running_mean/running_var -> scale/bias/mean/var; 'num_batches_tracked' is
 ignored. Every key must be used and every shape must fit, else ValueError. The tables
-(`encoder_table`, ...) are `convert_network`'s: torch key -> (collection, our layer, leaf,
-torch shape, layout transform).
+(`encoder_table`, ...) are `convert_network`'s, built by `torch_weights.Table`: torch key
+-> (collection, our layer, leaf, torch shape, layout transform).
 """
 
 from collections.abc import Mapping
-
-import numpy as np
 
 from skipganomaly_jax.nets import torch_weights
 from skipganomaly_jax.nets.ganomaly import (
@@ -40,37 +38,6 @@ __all__ = [
 ]
 
 G_PARTS = ('encoder1', 'decoder', 'encoder2')
-_BN_ROWS = (
-  ('weight', 'params', 'scale'),
-  ('bias', 'params', 'bias'),
-  ('running_mean', 'batch_stats', 'mean'),
-  ('running_var', 'batch_stats', 'var'),
-)
-
-
-def _conv_layout(torch_w: np.ndarray) -> np.ndarray:
-  return torch_w.transpose(2, 3, 1, 0)
-
-
-def _conv_transpose_layout(torch_w: np.ndarray) -> np.ndarray:
-  return torch_w.transpose(2, 3, 0, 1)[::-1, ::-1]
-
-
-def _same(torch_w: np.ndarray) -> np.ndarray:
-  return torch_w
-
-
-def _conv_row(rows, key, module, out_ch, in_ch, k=4, transpose=False):
-  """Adds a bias-free (transposed) conv: torch '<key>.weight' -> our module's 'kernel'."""
-  shape = (in_ch, out_ch, k, k) if transpose else (out_ch, in_ch, k, k)
-  layout = _conv_transpose_layout if transpose else _conv_layout
-  rows[f'{key}.weight'] = ('params', module, 'kernel', shape, layout)
-
-
-def _bn_rows(rows, key, module, channels):
-  """Adds a BatchNorm2d's parameters and running statistics."""
-  for torch_name, collection, leaf in _BN_ROWS:
-    rows[f'{key}.{torch_name}'] = (collection, module, leaf, (channels,), _same)
 
 
 def _encoder_layers(isize: int, nc: int, width: int, extra_layers: int) -> tuple[list, int]:
@@ -96,12 +63,12 @@ def _encoder_layers(isize: int, nc: int, width: int, extra_layers: int) -> tuple
   return out, width
 
 
-def _add_layer(rows, key, module, kind, out_ch, in_ch):
-  """Adds one entry of `_encoder_layers` (nothing for an activation)."""
+def _add_layer(table, key, module, kind, out_ch, in_ch):
+  """Adds one entry of `_encoder_layers` to `table` (nothing for an activation)."""
   if kind == 'bn':
-    _bn_rows(rows, key, module, out_ch)
+    table.batch_norm(key, module, out_ch)
   elif kind:
-    _conv_row(rows, key, module, out_ch, in_ch, k=3 if kind == 'conv3' else 4)
+    table.conv(key, module, out_ch, in_ch, k=3 if kind == 'conv3' else 4)
 
 
 def encoder_table(isize: int, nc: int, width: int, nz: int, extra_layers: int = 0) -> dict:
@@ -109,30 +76,30 @@ def encoder_table(isize: int, nc: int, width: int, nz: int, extra_layers: int = 
 
   Its last conv is named 'final-<width>-1-conv' whatever nz is (the authors' name).
   """
-  rows = {}
+  table = torch_weights.Table()
   layer_list, width = _encoder_layers(isize, nc, width, extra_layers)
   for key, module, kind, out_ch, in_ch in layer_list:
-    _add_layer(rows, key, module, kind, out_ch, in_ch)
-  _conv_row(rows, f'final-{width}-1-conv', 'final', nz, width)
-  return rows
+    _add_layer(table, key, module, kind, out_ch, in_ch)
+  table.conv(f'final-{width}-1-conv', 'final', nz, width)
+  return table.rows
 
 
 def decoder_table(isize: int, nc: int, ngf: int, nz: int, extra_layers: int = 0) -> dict:
   """The torch keys of the authors' `Decoder` (relative to its `main.`), with our names."""
-  rows = {}
+  table = torch_weights.Table()
   width = decoder_width(isize, ngf)
-  _conv_row(rows, f'initial-{nz}-{width}-convt', 'convt_0', width, nz, transpose=True)
-  _bn_rows(rows, f'initial-{width}-batchnorm', 'bn_0', width)
+  table.conv(f'initial-{nz}-{width}-convt', 'convt_0', width, nz, transpose=True)
+  table.batch_norm(f'initial-{width}-batchnorm', 'bn_0', width)
   for i in range(1, encoder_levels(isize) + 1):
     key = f'pyramid-{width}-{width // 2}-convt'
-    _conv_row(rows, key, f'convt_{i}', width // 2, width, transpose=True)
-    _bn_rows(rows, f'pyramid-{width // 2}-batchnorm', f'bn_{i}', width // 2)
+    table.conv(key, f'convt_{i}', width // 2, width, transpose=True)
+    table.batch_norm(f'pyramid-{width // 2}-batchnorm', f'bn_{i}', width // 2)
     width //= 2
   for t in range(extra_layers):
-    _conv_row(rows, f'extra-layers-{t}-{width}-conv', f'extra_{t}', width, width, k=3)
-    _bn_rows(rows, f'extra-layers-{t}-{width}-batchnorm', f'extra_bn_{t}', width)
-  _conv_row(rows, f'final-{width}-{nc}-convt', 'final', nc, width, transpose=True)
-  return rows
+    table.conv(f'extra-layers-{t}-{width}-conv', f'extra_{t}', width, width, k=3)
+    table.batch_norm(f'extra-layers-{t}-{width}-batchnorm', f'extra_bn_{t}', width)
+  table.conv(f'final-{width}-{nc}-convt', 'final', nc, width, transpose=True)
+  return table.rows
 
 
 def discriminator_table(isize: int, nc: int, ngf: int, extra_layers: int = 0) -> dict:
@@ -142,12 +109,12 @@ def discriminator_table(isize: int, nc: int, ngf: int, extra_layers: int = 0) ->
   every layer but the last, so keyed by position, activations counted) and `classifier`
   (the last conv, then a parameter-free sigmoid).
   """
-  rows = {}
+  table = torch_weights.Table()
   layer_list, width = _encoder_layers(isize, nc, ngf, extra_layers)
   for index, (_, module, kind, out_ch, in_ch) in enumerate(layer_list):
-    _add_layer(rows, f'features.{index}', module, kind, out_ch, in_ch)
-  _conv_row(rows, 'classifier.0', 'classifier', 1, width)
-  return rows
+    _add_layer(table, f'features.{index}', module, kind, out_ch, in_ch)
+  table.conv('classifier.0', 'classifier', 1, width)
+  return table.rows
 
 
 def _split_generator(netg: Mapping) -> dict:

@@ -28,9 +28,16 @@ __all__ = [
   'Discriminator',
   'Generator',
   'ModelSpec',
+  'batch_norm',
   'bn_scale_init',
   'check_drop_outer_skips',
   'check_geometry',
+  'code_conv',
+  'conv_layer',
+  'conv_transpose_layer',
+  'dcgan_features',
+  'discriminator_outputs',
+  'encoder_levels',
   'reinit_params',
 ]
 
@@ -108,6 +115,78 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+# Layer builders shared by these networks and GANomaly's (nets/ganomaly.py). Each creates
+# its layer as a child of `module`, so it is called from the module's compact `__call__`;
+# it reads the module's `dtype`, `conv_impl` (and, for BatchNorm, `axis_name`) fields.
+
+
+def conv_layer(
+  module, features: int, name: str, kernel_size=4, stride=2, padding=1, use_bias=False
+):
+  """A `layers.Conv` of `module` (4x4 stride 2 padding 1 by default), no bias by default."""
+  return layers.Conv(
+    features,
+    kernel_size=kernel_size,
+    stride=stride,
+    padding=padding,
+    use_bias=use_bias,
+    dtype=module.dtype,
+    impl=module.conv_impl,
+    name=name,
+  )
+
+
+def code_conv(module, features: int, name: str):
+  """The 4x4 valid conv (stride 1, no padding) of a DCGAN encoder: 4x4 pixels -> 1x1."""
+  return conv_layer(module, features, name, kernel_size=4, stride=1, padding=0)
+
+
+def conv_transpose_layer(module, features: int, name: str, use_bias=False):
+  """A `layers.ConvTranspose` (4x4, stride 2) of `module`, no bias by default."""
+  return layers.ConvTranspose(
+    features, use_bias=use_bias, dtype=module.dtype, impl=module.conv_impl, name=name
+  )
+
+
+def batch_norm(module, h, name: str, train: bool, stat_updates: int = 1):
+  """h through a `BatchNorm` of `module` named `name` (see `BatchNorm.__call__`)."""
+  return BatchNorm(module.axis_name, module.dtype, name=name)(h, train, stat_updates)
+
+
+def encoder_levels(isize: int) -> int:
+  """The 4x4 stride-2 convs after the first one of a DCGAN encoder: isize / 2 down to 4."""
+  return int(math.log2(isize)) - 3
+
+
+def dcgan_features(module, x, train: bool, stat_updates: int, width: int, extra_layers: int = 0):
+  """A DCGAN encoder of x up to its last hidden activation (N, 4, 4, C), inside `module`.
+
+  A 4x4 stride-2 conv 'conv_0' to `width` channels (no norm) and LeakyReLU(0.2);
+  `extra_layers` times a 3x3 stride-1 conv 'extra_<t>' at that width, BatchNorm
+  'extra_bn_<t>' and LeakyReLU(0.2); then per level i >= 1 (`encoder_levels(isize)` of
+  them, isize from `module.isize`) a 4x4 stride-2 conv 'conv_<i>' doubling the width,
+  BatchNorm 'bn_<i>' and LeakyReLU(0.2). `Discriminator`'s features and GANomaly's
+  encoders and discriminator all start so.
+  """
+  h = nn.leaky_relu(conv_layer(module, width, 'conv_0')(x.astype(module.dtype)), 0.2)
+  for t in range(extra_layers):
+    h = conv_layer(module, width, f'extra_{t}', kernel_size=3, stride=1, padding=1)(h)
+    h = nn.leaky_relu(batch_norm(module, h, f'extra_bn_{t}', train, stat_updates), 0.2)
+  for i in range(1, encoder_levels(module.isize) + 1):
+    width *= 2
+    h = conv_layer(module, width, f'conv_{i}')(h)
+    h = nn.leaky_relu(batch_norm(module, h, f'bn_{i}', train, stat_updates), 0.2)
+  return h
+
+
+def discriminator_outputs(logits, features):
+  """A discriminator's return: (logits (N,), features (N, F)), flattened, in float32."""
+  return (
+    logits.reshape(-1).astype(jnp.float32),
+    features.reshape(features.shape[0], -1).astype(jnp.float32),
+  )
+
+
 class Generator(nn.Module):
   """U-Net encoder-decoder with skip connections; output in [-1, 1] (tanh).
 
@@ -147,25 +226,21 @@ class Generator(nn.Module):
     for i in range(levels):
       if i > 0:
         h = nn.leaky_relu(h, 0.2)
-      h = layers.Conv(widths[i], dtype=self.dtype, impl=self.conv_impl, name=f'down_{i}')(h)
+      h = conv_layer(self, widths[i], f'down_{i}')(h)
       if 0 < i < levels - 1:  # Outermost and innermost levels have no norm.
-        h = BatchNorm(self.axis_name, self.dtype, name=f'down_bn_{i}')(h, train)
+        h = batch_norm(self, h, f'down_bn_{i}', train)
       skips.append(h)
     for i in reversed(range(levels)):
       h = nn.relu(h)
       if i == 0:
-        h = layers.ConvTranspose(
-          self.nc, use_bias=True, dtype=self.dtype, impl=self.conv_impl, name='up_0'
-        )(h)
+        h = conv_transpose_layer(self, self.nc, 'up_0', use_bias=True)(h)
         out = jnp.tanh(h.astype(jnp.float32))
         if return_code:
           code = skips[-1]
           return out, code.reshape(code.shape[0], -1).astype(jnp.float32)
         return out
-      h = layers.ConvTranspose(
-        widths[i - 1], dtype=self.dtype, impl=self.conv_impl, name=f'up_{i}'
-      )(h)
-      h = BatchNorm(self.axis_name, self.dtype, name=f'up_bn_{i}')(h, train)
+      h = conv_transpose_layer(self, widths[i - 1], f'up_{i}')(h)
+      h = batch_norm(self, h, f'up_bn_{i}', train)
       if i - 1 >= self.drop_outer_skips:
         h = jnp.concatenate([skips[i - 1], h], axis=-1)  # Skip first, as the reference.
 
@@ -197,36 +272,10 @@ class Discriminator(nn.Module):
         reconstruction in the reference's step, which runs D on it twice; see train_step).
     """
     check_geometry(self.isize, self.nc)
-    h = layers.Conv(self.ndf, dtype=self.dtype, impl=self.conv_impl, name='conv_0')(
-      x.astype(self.dtype)
-    )
-    h = nn.leaky_relu(h, 0.2)
-    for i in range(1, int(math.log2(self.isize)) - 2):  # Down to 4x4.
-      h = layers.Conv(self.ndf * 2**i, dtype=self.dtype, impl=self.conv_impl, name=f'conv_{i}')(h)
-      h = BatchNorm(self.axis_name, self.dtype, name=f'bn_{i}')(h, train, stat_updates)
-      h = nn.leaky_relu(h, 0.2)
-    features = layers.Conv(
-      self.nz,
-      kernel_size=4,
-      stride=1,
-      padding=0,
-      dtype=self.dtype,
-      impl=self.conv_impl,
-      name='features',
-    )(h)
-    logits = layers.Conv(
-      1,
-      kernel_size=3,
-      stride=1,
-      padding=1,
-      dtype=self.dtype,
-      impl=self.conv_impl,
-      name='classifier',
-    )(features)
-    return (
-      logits.reshape(-1).astype(jnp.float32),
-      features.reshape(features.shape[0], -1).astype(jnp.float32),
-    )
+    h = dcgan_features(self, x, train, stat_updates, self.ndf)  # Down to 4x4.
+    features = code_conv(self, self.nz, 'features')(h)
+    logits = conv_layer(self, 1, 'classifier', kernel_size=3, stride=1, padding=1)(features)
+    return discriminator_outputs(logits, features)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,41 +20,47 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from skipganomaly_jax.nets.models import ModelSpec
+from skipganomaly_jax.nets.models import ModelSpec, encoder_levels
 
 IGNORED_SUFFIX = 'num_batches_tracked'
 _BN_FIELDS = (('weight', 'params', 'scale'), ('bias', 'params', 'bias'))
 _BN_BUFFERS = (('running_mean', 'batch_stats', 'mean'), ('running_var', 'batch_stats', 'var'))
 
 
-def _conv(torch_w: np.ndarray) -> np.ndarray:
+def conv_layout(torch_w: np.ndarray) -> np.ndarray:
+  """A torch conv weight (out, in, kh, kw) -> our kernel (kh, kw, in, out)."""
   return torch_w.transpose(2, 3, 1, 0)
 
 
-def _conv_transpose(torch_w: np.ndarray) -> np.ndarray:
+def conv_transpose_layout(torch_w: np.ndarray) -> np.ndarray:
+  """A torch transposed-conv weight (in, out, kh, kw) -> our kernel, flipped spatially."""
   return torch_w.transpose(2, 3, 0, 1)[::-1, ::-1]
 
 
-def _identity(torch_w: np.ndarray) -> np.ndarray:
+def same_layout(torch_w: np.ndarray) -> np.ndarray:
+  """A vector (bias, BatchNorm field) keeps its layout."""
   return torch_w
 
 
-class _Table:
-  """torch key -> (collection, module, leaf, torch shape, layout transform)."""
+class Table:
+  """A `convert_network` table being built: `rows` maps each torch key to (collection,
+  our module, leaf, torch shape, layout transform)."""
 
   def __init__(self):
     self.rows = {}
 
   def conv(self, key, module, out_ch, in_ch, k=4, transpose=False, bias=False):
+    """Adds a (transposed) conv: torch '<key>.weight' -> module's 'kernel' (and bias)."""
     shape = (in_ch, out_ch, k, k) if transpose else (out_ch, in_ch, k, k)
-    fn = _conv_transpose if transpose else _conv
+    fn = conv_transpose_layout if transpose else conv_layout
     self.rows[f'{key}.weight'] = ('params', module, 'kernel', shape, fn)
     if bias:
-      self.rows[f'{key}.bias'] = ('params', module, 'bias', (out_ch,), _identity)
+      self.rows[f'{key}.bias'] = ('params', module, 'bias', (out_ch,), same_layout)
 
   def batch_norm(self, key, module, channels):
+    """Adds a BatchNorm2d's parameters and running statistics."""
     for torch_name, collection, leaf in _BN_FIELDS + _BN_BUFFERS:
-      self.rows[f'{key}.{torch_name}'] = (collection, module, leaf, (channels,), _identity)
+      self.rows[f'{key}.{torch_name}'] = (collection, module, leaf, (channels,), same_layout)
 
 
 def generator_table(spec: ModelSpec) -> dict:
@@ -71,7 +77,7 @@ def generator_table(spec: ModelSpec) -> dict:
     )
   levels = int(math.log2(spec.isize))
   widths = [spec.ngf * min(2**i, 8) for i in range(levels)]
-  table = _Table()
+  table = Table()
   table.conv('model.model.0', 'down_0', widths[0], spec.nc)
   table.conv('model.model.3', 'up_0', spec.nc, 2 * widths[0], transpose=True, bias=True)
   for i in range(1, levels):
@@ -93,10 +99,10 @@ def discriminator_table(spec: ModelSpec) -> dict:
   Its module names carry the channel counts ('feat.pyramid-8-16-conv'), so a config
   with the wrong nc, ndf or isize reports missing keys.
   """
-  table = _Table()
+  table = Table()
   table.conv(f'feat.initial-conv-{spec.nc}-{spec.ndf}', 'conv_0', spec.ndf, spec.nc)
   width = spec.ndf
-  for i in range(1, int(math.log2(spec.isize)) - 2):
+  for i in range(1, encoder_levels(spec.isize) + 1):
     table.conv(f'feat.pyramid-{width}-{2 * width}-conv', f'conv_{i}', 2 * width, width)
     table.batch_norm(f'feat.pyramid-{2 * width}-batchnorm', f'bn_{i}', 2 * width)
     width *= 2

@@ -5,7 +5,9 @@ through `pyplot`: no global backend is selected, no figure is registered with py
 state, and nothing needs closing, so this works headless and in threads.
 """
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import matplotlib
@@ -27,6 +29,19 @@ def _save(fig: Figure, path: str | os.PathLike) -> None:
   fig.savefig(path, format='png', dpi=_DPI)
 
 
+@contextlib.contextmanager
+def _one_plot(path: str | os.PathLike, figsize: tuple, title: str, **legend) -> Iterator[Any]:
+  """Yields the axes of a one-plot figure; then titles it, adds the legend (`legend`:
+  its arguments) and saves it as a PNG at `path` (not when the body raises)."""
+  fig = Figure(figsize=figsize)
+  ax = fig.add_subplot()
+  yield ax
+  ax.set_title(title)
+  ax.legend(**legend)
+  fig.tight_layout()
+  _save(fig, path)
+
+
 def save_roc_curve(
   path: str | os.PathLike,
   labels: Any,
@@ -45,15 +60,10 @@ def save_roc_curve(
   """
   fpr, tpr, _ = metrics.roc_curve(labels, scores)
   auc = metrics.auroc(labels, scores)
-  fig = Figure(figsize=(5, 5))
-  ax = fig.add_subplot()
-  ax.plot(fpr, tpr, color='darkorange', lw=2, label=f'{score_name} (AUROC = {auc:.4f})')
-  ax.plot([0, 1], [0, 1], color='grey', lw=1, ls='--', label='chance')
-  ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel='False positive rate', ylabel='True positive rate')
-  ax.set_title(title)
-  ax.legend(loc='lower right')
-  fig.tight_layout()
-  _save(fig, path)
+  with _one_plot(path, (5, 5), title, loc='lower right') as ax:
+    ax.plot(fpr, tpr, color='darkorange', lw=2, label=f'{score_name} (AUROC = {auc:.4f})')
+    ax.plot([0, 1], [0, 1], color='grey', lw=1, ls='--', label='chance')
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel='False positive rate', ylabel='True positive rate')
 
 
 def save_score_histogram(
@@ -67,11 +77,8 @@ def save_score_histogram(
   """Saves overlaid histograms of normal and abnormal scores, with the threshold.
 
   Args:
-    path: output PNG path.
-    labels: 1-D array-like of 0 (normal) / 1 (abnormal).
-    scores: 1-D array-like of anomaly scores.
+    path, labels, scores, title: as `save_roc_curve`.
     threshold: the decision threshold, drawn as a vertical line (None: not drawn).
-    title: figure title.
     score_name: what the scores are (e.g. 'map_topk'); the x axis is named after it.
   """
   labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
@@ -83,19 +90,14 @@ def save_score_histogram(
   if threshold is not None:
     lo, hi = min(lo, threshold), max(hi, threshold)
   bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 51)
-  fig = Figure(figsize=(6, 4))
-  ax = fig.add_subplot()
-  for value, name, color in ((0, 'normal', 'tab:blue'), (1, 'abnormal', 'tab:red')):
-    subset = scores[labels == value]
-    if subset.size:
-      ax.hist(subset, bins=bins, alpha=0.55, color=color, label=f'{name} (n={subset.size})')
-  if threshold is not None:
-    ax.axvline(threshold, color='black', ls='--', lw=1.5, label=f'threshold = {threshold:.4g}')
-  ax.set(xlabel=f'{score_name} (higher = more anomalous)', ylabel='test images')
-  ax.set_title(title)
-  ax.legend()
-  fig.tight_layout()
-  _save(fig, path)
+  with _one_plot(path, (6, 4), title) as ax:
+    for value, name, color in ((0, 'normal', 'tab:blue'), (1, 'abnormal', 'tab:red')):
+      subset = scores[labels == value]
+      if subset.size:
+        ax.hist(subset, bins=bins, alpha=0.55, color=color, label=f'{name} (n={subset.size})')
+    if threshold is not None:
+      ax.axvline(threshold, color='black', ls='--', lw=1.5, label=f'threshold = {threshold:.4g}')
+    ax.set(xlabel=f'{score_name} (higher = more anomalous)', ylabel='test images')
 
 
 def _to_display(images: np.ndarray) -> np.ndarray:

@@ -173,11 +173,13 @@ def main_cmd(workdir, *flags, config: str = 'configs/demo.py') -> list[str]:
 
 
 def main_in_process(*args):
-  """Runs main.py's `main` in this process on the command line `args` (absl flags and
-  config overrides parsed as main.py's `app.run` parses them), for the checks that need no
-  process of their own. Flag errors raise `absl.flags.Error`, usage errors
-  `absl.app.UsageError`; returns what `main` returns."""
-  from absl import flags  # noqa: PLC0415
+  """Runs main.py's `main` in this process on the command line `args`, for the checks that
+  need no process of their own. The flags are parsed as `app.run` parses them (main.py's
+  `parse_flags`), but a flag error raises its `absl.flags.Error` instead of printing the
+  usage and exiting; usage errors raise `absl.app.UsageError`. Returns what `main` returns."""
+  from unittest import mock  # noqa: PLC0415
+
+  from absl import app, flags  # noqa: PLC0415
   from absl import logging as absl_logging  # noqa: PLC0415
 
   import main  # noqa: PLC0415  (ROOT/main.py: defines its flags once per process)
@@ -187,7 +189,9 @@ def main_in_process(*args):
   saved_filters = list(handler.filters)
   sys.argv = argv  # The config flag reads its --config.* overrides from sys.argv.
   try:
-    return main.main(flags.FLAGS(argv))
+    with mock.patch.object(app, 'parse_flags_with_usage', flags.FLAGS):
+      argv = getattr(main, 'parse_flags', flags.FLAGS)(argv)
+    return main.main(argv)
   finally:
     sys.argv = saved_argv
     flags.FLAGS.unparse_flags()

@@ -2,7 +2,10 @@
 
 Compares the shard_map step over all devices with the plain jitted per-device step on
 one device, on the same global batches, with SGD (an update linear in the gradient) and
-with Adam, and prints the relative errors after steps 1 and 3 as JSON.
+with Adam, and prints the relative errors after steps 1 and 3 as JSON, for each model
+named on the command line (one process for all, paying JAX's start-up once):
+
+    python tests/multidevice_check.py GLOBAL_BATCH SEED [MODEL ...]  ->  {MODEL: report}
 """
 
 import json
@@ -62,7 +65,8 @@ def run(spec, tx, batches, seed):
   return out
 
 
-def main(global_batch: int, seed: int, model: str = 'skipganomaly') -> None:
+def model_report(global_batch: int, seed: int, model: str) -> dict:
+  """The relative errors of one model (config.model.name) on 3 seeded global batches."""
   sys.path.insert(0, 'configs')
   import default  # noqa: PLC0415
 
@@ -80,7 +84,12 @@ def main(global_batch: int, seed: int, model: str = 'skipganomaly') -> None:
   for name, tx in (('sgd', optax.sgd(0.01)), ('adam', training_step.make_optimizer(spec.optim))):
     for step, errors in run(spec, tx, batches, seed).items():
       report[f'{name}_{step}'] = errors
-  print(json.dumps(report))
+  return report
+
+
+def main(global_batch: int, seed: int, *models: str) -> None:
+  models = models or ('skipganomaly',)
+  print(json.dumps({model: model_report(global_batch, seed, model) for model in models}))
 
 
 if __name__ == '__main__':

@@ -1,5 +1,5 @@
 """8 simulated CPU devices equal one device (run in a subprocess: XLA_FLAGS must be set
-before JAX initialises)."""
+before JAX initialises), for both models, in one subprocess."""
 
 import json
 import os
@@ -27,12 +27,20 @@ def run_check(*args) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope='module', params=['skipganomaly', 'ganomaly'])
-def report(request):
-  """The check's report for each model (config.model.name): both share the step."""
+MODELS = ('skipganomaly', 'ganomaly')
+
+
+@pytest.fixture(scope='module')
+def reports():
+  """{model: the check's report} for each model (config.model.name): both share the step."""
   seed = int(os.environ.get('TEST_SEED') or 1)
   print(f'random seed: {seed} (rerun with TEST_SEED={seed})')
-  return run_check(16, seed, request.param)
+  return run_check(16, seed, *MODELS)
+
+
+@pytest.fixture(params=MODELS)
+def report(request, reports):
+  return reports[request.param]
 
 
 def test_eight_devices_equal_one(report):

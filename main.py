@@ -37,7 +37,12 @@ flags.DEFINE_enum(
   '(write WORKDIR/export/: a model file and detector.json).',
 )
 flags.DEFINE_enum('format', 'stablehlo', ['stablehlo', 'onnx'], 'export: the model file format.')
-flags.DEFINE_string('checkpoint', 'latest', "eval/score: 'latest', 'best' or a step.")
+flags.DEFINE_string(
+  'checkpoint',
+  'latest',
+  "eval/score/export: 'latest', 'best' (paper-score runs: the lowest mean paper score of "
+  'the validation normals) or a step.',
+)
 
 
 @flags.validator('checkpoint')

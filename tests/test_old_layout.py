@@ -13,6 +13,7 @@ import pytest
 import skipganomaly_jax
 from skipganomaly_jax import score_details, score_fn
 from skipganomaly_jax.deploy import detector
+from skipganomaly_jax.training import checkpointing
 
 OLD_RUN = pathlib.Path(__file__).resolve().parent / 'data' / 'old_layout_run'
 
@@ -44,3 +45,9 @@ def test_old_checkpoint_loads_and_scores_as_before(old_run, expected):
 def test_old_exported_detector_loads_and_scores_as_before(old_run, expected):
   exported = detector.load_exported(str(old_run / 'export'))
   np.testing.assert_allclose(exported.score(expected['images']), expected['latent_knn'], rtol=1e-5)
+
+
+def test_best_is_refused_for_a_latent_knn_run(old_run):
+  """Latent k-NN distances do not rank checkpoints: 'best' says so instead of picking one."""
+  with pytest.raises(checkpointing.CheckpointError, match="--checkpoint=best .* 'latent_knn'"):
+    skipganomaly_jax.load(str(old_run), 'best')

@@ -8,6 +8,7 @@ pairs) allow and the session's 140 (conftest.digits_npz: 1 pair = 2.2e-4) do not
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ from skipganomaly_jax.data import input_pipeline
 from skipganomaly_jax.deploy import trained_run
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.scoring import metrics
-from skipganomaly_jax.training import train
+from skipganomaly_jax.training import checkpointing, train
 
 LAM = 0.5
 
@@ -86,6 +87,24 @@ def test_reference_protocol_auroc_is_the_references(run):
     reference_scores(params, splits.test, ModelSpec.from_config(config), jnp.dtype(config.dtype)),
   )
   assert report['reference_protocol_auroc'] == pytest.approx(expected, abs=1e-4)
+
+
+def test_best_is_the_lowest_mean_validation_paper_score(run, tmp_path):
+  """A paper-score run: 'best' is the evaluated step whose stored validation score (the
+  mean paper score of the validation normals) is lowest; without stored scores, an error."""
+  workdir, _, report = run
+  with checkpointing.Checkpointer(workdir / 'checkpoints') as ckpt:
+    steps = ckpt.all_steps()
+    scores = {s: ckpt.restore_meta(s)['history'][-1]['val_score'] for s in steps}
+  model = trained_run.restore(str(workdir), 'best')
+  assert model.step == min(scores, key=scores.get)
+  assert scores[model.step] == pytest.approx(report['val_score'])
+  copy = tmp_path / 'no_metrics'
+  shutil.copytree(workdir, copy)
+  for step in steps:  # A run whose checkpoints store no validation score (e.g. imported).
+    shutil.rmtree(copy / 'checkpoints' / str(step) / 'metrics')
+  with pytest.raises(checkpointing.CheckpointError, match='no checkpoint .* stores a validation'):
+    trained_run.restore(str(copy), 'best')
 
 
 def test_eval_appends_its_report_with_the_runs_score(run):

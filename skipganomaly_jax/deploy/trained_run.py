@@ -87,7 +87,7 @@ def _select(ckpt: checkpointing.Checkpointer, which) -> int:
   if which == 'latest':
     return evaluated[-1]
   if which == 'best':
-    return ckpt.best_step()
+    return _best(ckpt, evaluated)
   if which not in steps:
     raise checkpointing.CheckpointError(
       f'no checkpoint {ckpt.step_path(which)}: the evaluated steps are {evaluated}.'
@@ -98,6 +98,30 @@ def _select(ckpt: checkpointing.Checkpointer, which) -> int:
       f'calibration of its own. Use an evaluated step ({evaluated}) or resume training.'
     )
   return which
+
+
+def _best(ckpt: checkpointing.Checkpointer, evaluated: list[int]) -> int:
+  """The evaluated step whose validation normals have the lowest mean paper score.
+
+  A label-free criterion (held-out normals only): the networks that reconstruct unseen
+  normal images best. It holds for the paper score only; the run's score must be it.
+  """
+  kind = config_lib.from_stored(ckpt.restore_meta(evaluated[-1])['config']).score_kind
+  if kind != 'paper':
+    raise checkpointing.CheckpointError(
+      '--checkpoint=best picks the checkpoint whose validation normals have the lowest '
+      f"mean paper score; this run's score is {kind!r}, whose values do not rank "
+      'checkpoints (latent k-NN distances shrink as the codes collapse; map scores are in '
+      "units of each checkpoint's own validation normals). Use --checkpoint=latest or a "
+      f'step ({evaluated}).'
+    )
+  best = ckpt.best_step()
+  if best is None:
+    raise checkpointing.CheckpointError(
+      f'no checkpoint in {ckpt.directory} stores a validation score to rank by (imported '
+      f'or older runs): use --checkpoint=latest or a step ({evaluated}).'
+    )
+  return best
 
 
 def _local(abstract):
@@ -131,8 +155,8 @@ def restore(workdir: str, which='latest') -> TrainedModel:
 
   Args:
     workdir: the run's workdir (the one given to main.py).
-    which: 'latest' (the newest evaluated checkpoint), 'best' (lowest mean validation-
-      normal score) or a step number.
+    which: 'latest' (the newest evaluated checkpoint), 'best' (runs scored by the paper
+      score: its lowest mean over the validation normals) or a step number.
 
   Raises:
     checkpointing.CheckpointError: no (evaluated) checkpoint, or a corrupt one.
@@ -169,8 +193,8 @@ def load(workdir: str, which='latest'):
 
   Args:
     workdir: the run's workdir (the one given to main.py).
-    which: 'latest' (newest evaluated checkpoint), 'best' (lowest mean validation-normal
-      score) or a step number.
+    which: 'latest' (newest evaluated checkpoint), 'best' (runs scored by the paper score:
+      its lowest mean over the validation normals) or a step number.
 
   Returns:
     (params, config, calibration): the `score_fn` variables of both networks (with the

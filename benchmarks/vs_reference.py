@@ -1,19 +1,40 @@
-"""Side by side on this machine: the official Skip-GANomaly (PyTorch) and ours, alternating.
+"""Side by side on this machine: the authors' Skip-GANomaly and GANomaly (PyTorch) and ours.
 
-One process times both codes on the same CPU cores with the same number of threads, so the
-ratio holds for this CPU, whatever its load or vector units:
-  - the official code is imported at run time from --reference_dir (never copied here)
-    through `reference_run.import_reference`, which applies its two torch-2 patches (the
-    never-filled noise tensor zeroed; D's backward restricted to D's parameters);
-  - train step, batch 64: its `set_input` + `optimize_params()` (G and D forward, G's and
-    D's backward and Adam steps) vs our jitted data-parallel `train_step`;
-  - scoring, batches 64 and 256: its `test()` on one batch (G and D forward with its
-    train-mode BatchNorm, the paper score; its min-max scaling and AUROC of that batch
-    are included, well under 1% of the time) vs our public `score_fn` (value checks,
-    padding to a compiled bucket, eval-mode BatchNorm);
-  - nc 1 and 3, isize 32, ngf=ndf=64, nz=100, float32 on both sides. With nc=1 its
-    3-channel noise buffer cannot be added to 1-channel inputs: it is replaced by zeros of
-    the input's shape (the same clean input as patch 1).
+One process times both codes on the same CPU cores with the same number of threads,
+alternating, so the ratio holds for this CPU, whatever its load or vector units. The
+official codes are imported at run time (never copied here). --models picks the models
+(default both); each is timed at nc 1 and 3, isize 32, ngf=ndf=64, nz=100, float32 on both
+sides: train step at batch 64, scoring at --score_batches (64 and 256).
+
+Skip-GANomaly (--reference_dir, the skip-ganomaly repository), through
+`reference_run.import_reference`, which applies its two torch-2 patches (the never-filled
+noise tensor zeroed; D's backward restricted to D's parameters):
+  - train step: its `set_input` + `optimize_params()` (G and D forward, G's and D's
+    backward and Adam steps) vs our jitted data-parallel `train_step`;
+  - scoring: its `test()` on one batch (G and D forward with its train-mode BatchNorm,
+    the paper score; its min-max scaling and AUROC of that batch are included, well under
+    1% of the time) vs our public `score_fn` (value checks, padding to a compiled bucket,
+    eval-mode BatchNorm);
+  - with nc=1 its 3-channel noise buffer cannot be added to 1-channel inputs: it is
+    replaced by zeros of the input's shape (the same clean input as patch 1).
+GANomaly (--ganomaly_reference_dir, the ganomaly repository: `lib.model.Ganomaly` and
+its `options.Options`, with --device cpu, batch 64, manualseed 0) vs ours with
+config.model.name='ganomaly' (configs/ganomaly.py on configs/default.py):
+  - train step: its `set_input` + `optimize_params()` (G forward, D on x and on G(x)
+    detached, G's loss with D's features recomputed, G's backward and Adam step, then D's
+    BCE backward and Adam step, D re-initialised below 1e-5) vs our jitted `train_step`;
+  - scoring: its `test()` on one batch (G forward with its train-mode BatchNorm, the score
+    mean((latent_i - latent_o)^2), min-max scaling and the batch's AUROC) vs our public
+    `score_fn`, which also runs D on x and on G(x) (score_details' rec and lat terms,
+    returned beside the score): about 1.6x the official test()'s forward FLOPs;
+  - no patches: it runs unchanged on torch 2.x (no noise buffer; D's graph does not pass
+    through G, whose weights its G step changes in place). Only its imports are handled:
+    torchvision and visdom are stubbed as for Skip-GANomaly (only plotting and image
+    saving use them), and its top-level `lib` and `options` modules, which share their
+    names with Skip-GANomaly's, are imported with those names cleared from sys.modules
+    and the previous ones put back, so both codes live in one process. Its Options and
+    Visualizer write opt.txt and loss_log.txt: into a temporary directory, as
+    Skip-GANomaly's; what it prints (a D re-initialisation) is discarded.
 Threads: torch.set_num_threads(--threads); XLA:CPU sizes its thread pool from the
 process's CPU affinity (sched_getaffinity), so the process is pinned to --threads CPUs
 before JAX and torch start (nothing to do on a machine with exactly that many).
@@ -24,7 +45,9 @@ each on a fresh random batch from a pool made beforehand. Reported: median and b
 images/s per side and their ratios (ours / official). Run on an idle machine if you can:
 the load average at start and end is recorded; ratios are more robust to load than rates.
 
-    python benchmarks/vs_reference.py [--reference_dir ../shared/reference/skip-ganomaly]
+    python benchmarks/vs_reference.py [--models skipganomaly,ganomaly] \
+        [--reference_dir ../shared/reference/skip-ganomaly] \
+        [--ganomaly_reference_dir ../shared/reference/ganomaly]
 
 Prints the CPU model and vector extensions and a table; writes
 benchmarks/results/vs_reference_<cpu>.json (e.g. vs_reference_amd_epyc.json).
@@ -32,6 +55,8 @@ benchmarks/results/vs_reference_<cpu>.json (e.g. vs_reference_amd_epyc.json).
 
 import argparse
 import contextlib
+import functools
+import importlib
 import io
 import json
 import os
@@ -140,20 +165,81 @@ class _OneBatch(list):
     self.dataset = images
 
 
-class Ours:
-  """Our jitted train step and public score_fn for one channel count, float32."""
+_REFERENCE_MODULES = ('lib', 'options')  # Top-level names used by both official codes.
 
-  def __init__(self, nc: int):
+
+def _reference_modules() -> list[str]:
+  return [name for name in sys.modules if name.split('.')[0] in _REFERENCE_MODULES]
+
+
+@functools.cache
+def import_ganomaly(reference_dir: str):
+  """(Options, Ganomaly, torch) of the authors' GANomaly, unpatched (module doc)."""
+  path = pathlib.Path(reference_dir)
+  if not (path / 'lib' / 'model.py').is_file() or not (path / 'options.py').is_file():
+    raise FileNotFoundError(
+      f'{reference_dir} is not the ganomaly repository (no lib/model.py, options.py): '
+      'pass --ganomaly_reference_dir=/path/to/ganomaly.'
+    )
+  from benchmarks import reference_run  # noqa: PLC0415  (after pinning: imports jax)
+
+  reference_run._stub_modules()
+  import torch  # noqa: PLC0415
+
+  saved = {name: sys.modules.pop(name) for name in _reference_modules()}
+  sys.path.insert(0, str(path))
+  try:
+    model = importlib.import_module('lib.model')
+    options = importlib.import_module('options')
+  finally:
+    sys.path.remove(str(path))
+    for name in _reference_modules():  # Its lib and options: out of Skip-GANomaly's way.
+      del sys.modules[name]
+    sys.modules.update(saved)
+  return options.Options, model.Ganomaly, torch
+
+
+class OfficialGanomaly:
+  """The authors' GANomaly for one channel count (batch 64 buffers; test() takes any batch)."""
+
+  def __init__(self, reference_dir: str, nc: int, workdir: str):
+    options, ganomaly, self.torch = import_ganomaly(reference_dir)
+    argv, sys.argv = sys.argv, ['train.py', '--device', 'cpu', '--gpu_ids', '-1']
+    sys.argv += ['--nc', str(nc), '--isize', '32', '--batchsize', '64', '--manualseed', '0']
+    sys.argv += ['--outf', workdir, '--ngf', '64', '--ndf', '64', '--nz', '100']
+    try:
+      opt = options().parse()
+    finally:
+      sys.argv = argv
+    self.model = ganomaly(opt, None)
+
+  tensors = Official.tensors
+
+  def train(self, batch) -> None:
+    self.model.set_input(batch)
+    with contextlib.redirect_stdout(io.StringIO()):  # Prints when it re-initialises D.
+      self.model.optimize_params()
+
+  def score(self, batch) -> None:
+    self.model.dataloader = {'test': _OneBatch(*batch)}
+    with contextlib.redirect_stdout(io.StringIO()):
+      self.model.test()
+
+
+class Ours:
+  """Our jitted train step and public score_fn for one model and channel count, float32."""
+
+  def __init__(self, nc: int, model: str = 'skipganomaly'):
     import jax  # noqa: PLC0415
 
-    from configs import default  # noqa: PLC0415
+    from configs import default, ganomaly  # noqa: PLC0415
     from skipganomaly_jax import config as config_lib  # noqa: PLC0415
     from skipganomaly_jax import parallel as mesh_lib  # noqa: PLC0415
     from skipganomaly_jax.scoring import scores  # noqa: PLC0415
     from skipganomaly_jax.training import training_step  # noqa: PLC0415
 
     self.jax, self.mesh_lib, self.scoring = jax, mesh_lib, scores
-    config = default.get_config()
+    config = ganomaly.get_config('default') if model == 'ganomaly' else default.get_config()
     config.nc, config.batch_size, config.dtype = nc, 64, 'float32'
     self.mesh = mesh_lib.make_mesh(jax.devices()[:1])
     spec = training_step.StepSpec.from_specs(config_lib.specs(config))
@@ -189,8 +275,8 @@ def time_calls(fn, pool, calls: int) -> list[float]:
   return times
 
 
-def run_case(sides: dict, kind: str, nc: int, batch: int, args, rng) -> dict:
-  """Alternating timing of one (kind, nc, batch) case; images/s per side and ratios."""
+def run_case(sides: dict, model: str, kind: str, nc: int, batch: int, args, rng) -> dict:
+  """Alternating timing of one (model, kind, nc, batch) case; images/s per side, ratios."""
   images = [rng.uniform(-1, 1, (batch, 32, 32, nc)).astype(np.float32) for _ in range(4)]
   pools = {name: [side.tensors(x) for x in images] for name, side in sides.items()}
   fns = {name: getattr(side, kind) for name, side in sides.items()}
@@ -204,7 +290,7 @@ def run_case(sides: dict, kind: str, nc: int, batch: int, args, rng) -> dict:
   for r in range(args.rounds):
     for name in order if r % 2 == 0 else order[::-1]:
       times[name] += time_calls(fns[name], pools[name], args.calls)
-  row = {'kind': kind, 'nc': nc, 'batch': batch}
+  row = {'model': model, 'kind': kind, 'nc': nc, 'batch': batch}
   for name, ts in times.items():
     row[name] = {
       'images_per_s_median': batch / statistics.median(ts),
@@ -222,14 +308,23 @@ def print_table(result: dict) -> None:
   print(f'\nCPU: {cpu["model"]} ({", ".join(cpu["vector_extensions"]) or "-"}), ', end='')
   print(f'{result["threads"]} threads each, load average {result["load_average_start"]} ', end='')
   print(f'-> {result["load_average_end"]}')
-  print('| case | nc | batch | official images/s | ours images/s | ours / official (median) |')
-  print('|---|---|---|---|---|---|')
+  print(
+    '| model | case | nc | batch | official images/s | ours images/s | ours / official (median) |'
+  )
+  print('|---|---|---|---|---|---|---|')
   for r in result['rows']:
     o, u = r['official'], r['ours']
     print(
-      f'| {r["kind"]} | {r["nc"]} | {r["batch"]} | {o["images_per_s_median"]:.1f} | '
+      f'| {r["model"]} | {r["kind"]} | {r["nc"]} | {r["batch"]} | {o["images_per_s_median"]:.1f} | '
       f'{u["images_per_s_median"]:.1f} | {r["ratio_median"]:.2f}x (best {r["ratio_best"]:.2f}x) |'
     )
+
+
+# Each model's official side and the argument naming its repository.
+OFFICIAL = {
+  'skipganomaly': (Official, 'reference_dir'),
+  'ganomaly': (OfficialGanomaly, 'ganomaly_reference_dir'),
+}
 
 
 def main() -> None:
@@ -237,6 +332,10 @@ def main() -> None:
   parser.add_argument(
     '--reference_dir', default=str(ROOT.parent / 'shared' / 'reference' / 'skip-ganomaly')
   )
+  parser.add_argument(
+    '--ganomaly_reference_dir', default=str(ROOT.parent / 'shared' / 'reference' / 'ganomaly')
+  )
+  parser.add_argument('--models', default='skipganomaly,ganomaly', help='comma-separated')
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--channels', default='1,3')
   parser.add_argument('--score_batches', default='64,256')
@@ -245,18 +344,25 @@ def main() -> None:
   parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results'))
   args = parser.parse_args()
   args.reference_dir = os.path.abspath(args.reference_dir)
+  args.ganomaly_reference_dir = os.path.abspath(args.ganomaly_reference_dir)
+  models = args.models.split(',')
+  if not models or set(models) - set(OFFICIAL):
+    parser.error(f'--models: a comma-separated subset of {",".join(OFFICIAL)}')
   cpus = pin_threads(args.threads)  # Before JAX and torch start their thread pools.
   load_start = [round(x, 2) for x in os.getloadavg()]
   rng = np.random.default_rng(0)
   rows = []
   with tempfile.TemporaryDirectory() as workdir:  # Its Options writes opt.txt files.
-    for nc in map(int, args.channels.split(',')):
-      sides = {'official': Official(args.reference_dir, nc, workdir), 'ours': Ours(nc)}
-      sides['official'].torch.set_num_threads(args.threads)
-      cases = [('train', 64)] + [('score', int(b)) for b in args.score_batches.split(',')]
-      for kind, batch in cases:
-        rows.append(run_case(sides, kind, nc, batch, args, rng))
-        print(json.dumps(rows[-1]), flush=True)
+    for model in models:
+      official_class, reference_dir = OFFICIAL[model]
+      for nc in map(int, args.channels.split(',')):
+        official = official_class(getattr(args, reference_dir), nc, workdir)
+        sides = {'official': official, 'ours': Ours(nc, model)}
+        official.torch.set_num_threads(args.threads)
+        cases = [('train', 64)] + [('score', int(b)) for b in args.score_batches.split(',')]
+        for kind, batch in cases:
+          rows.append(run_case(sides, model, kind, nc, batch, args, rng))
+          print(json.dumps(rows[-1]), flush=True)
   import jax  # noqa: PLC0415
   import torch  # noqa: PLC0415
 
@@ -270,6 +376,7 @@ def main() -> None:
     'versions': {'torch': torch.__version__, 'jax': jax.__version__},
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
     'setup': 'isize 32, ngf=ndf=64, nz=100, float32; train batch 64; ratio = ours / official',
+    'models': models,
     'rounds': args.rounds,
     'calls_per_round': args.calls,
     'rows': rows,

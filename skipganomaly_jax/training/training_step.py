@@ -3,7 +3,7 @@
 `train_step` is one pure per-device function: forward G and D once, compute the
 generator and discriminator losses, update both networks simultaneously from the same
 forward pass (as the reference: D's loss uses the reconstruction made before G's step),
-and apply the discriminator re-initialisation guard as a select.
+and apply the discriminator re-initialisation guard under `lax.cond`.
 
 The two models share all of it but the forward pass and its losses, which the step
 takes from `MODEL_LOSSES[spec.model.name]`: `skipganomaly_losses` (the paper's) or
@@ -259,8 +259,9 @@ def train_step(
   # The reference's guard against a collapsed D: re-initialise its weights (keeping its
   # running statistics and Adam state) when the pre-step D loss is tiny.
   reinit = d_loss < spec.loss.d_reinit_threshold
-  fresh = reinit_params(d_state.params, rng)
-  d_params = jax.tree.map(lambda f, p: jnp.where(reinit, f, p), fresh, d_state.params)
+  # Under lax.cond the fresh draw is computed only on the (rare) steps that need it;
+  # d_loss is averaged over devices, so every device takes the same branch.
+  d_params = jax.lax.cond(reinit, lambda p: reinit_params(p, rng), lambda p: p, d_state.params)
   d_state = d_state.replace(params=d_params)
   metrics = {**metrics, 'g_loss': g_loss, 'd_loss': d_loss, 'd_reinit': reinit.astype(jnp.float32)}
   return g_state, d_state, metrics

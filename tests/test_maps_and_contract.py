@@ -156,7 +156,7 @@ def test_pictures_show_one_map_scores_and_decisions(texture_run, monkeypatch):
   )
   drawn = _captured(monkeypatch, overlays, 'save_overlays')
   overlays.write_overlays('unused', settings, model.params, splits, scores, calibration, scale)
-  (_, _, _, grid_maps, _, titles, vmax, label), (_, _, ov_maps, _, ov_titles, ov_vmax) = (
+  (_, _, _, grid_maps, _, titles, vmax, label, _), (_, _, ov_maps, _, ov_titles, ov_vmax) = (
     grid[0],
     drawn[0],
   )

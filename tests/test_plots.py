@@ -83,3 +83,12 @@ def test_pick_examples_first_of_each_class():
   np.testing.assert_array_equal(plots.pick_examples(labels, 2), [1, 4, 0, 2])
   np.testing.assert_array_equal(plots.pick_examples(labels), [1, 4, 5, 7, 0, 2, 3, 6])
   np.testing.assert_array_equal(plots.pick_examples([0, 0], 4), [0, 1])
+
+
+def test_reconstruction_grid_title_names_the_score_and_the_rule(tmp_path, monkeypatch):
+  drawn = {}
+  monkeypatch.setattr(plots, '_draw_grid', lambda *args: drawn.setdefault('title', args[-1]))
+  x = np.zeros((4, 32, 32, 1), np.float32)
+  args = (x, x, np.zeros((4, 32, 32)), np.array([0, 0, 1, 1]), np.arange(4.0), 2)
+  plots.save_reconstruction_grid(tmp_path / 'r.png', *args, threshold=0.25, score_name='map_topk')
+  assert drawn['title'] == "scores: map_topk (the run's score); anomalous = score > 0.25"

@@ -182,12 +182,13 @@ def write_all(
     calibration,
     localisation_spec or LocalisationSpec(),
     map_scale,
+    score_name=name,
   )
   return paths
 
 
 def write_reconstructions(
-  path, splits, variables, test_scores, calibration, settings, scale=None
+  path, splits, variables, test_scores, calibration, settings, scale=None, score_name=None
 ) -> None:
   """reconstructions.png: the first normal test images, then abnormal ones covering every
   defect kind (folder) present, each titled with the run's score and its decision;
@@ -210,6 +211,7 @@ def write_reconstructions(
     threshold=calibration.threshold,
     vmax=localisation.DISPLAY_MAX,
     map_label=overlays.MAP_LABEL,
+    score_name=score_name,
   )
 
 

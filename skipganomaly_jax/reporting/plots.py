@@ -160,6 +160,7 @@ def save_reconstruction_grid(
   threshold: float | None = None,
   vmax: float | None = None,
   map_label: str = 'anomaly map',
+  score_name: str | None = None,
 ) -> None:
   """Saves a grid: one column per image; rows input, reconstruction, anomaly map.
 
@@ -178,6 +179,8 @@ def save_reconstruction_grid(
     threshold: the run's threshold: each column says its decision (score > threshold).
     vmax: the top of the map scale (None: the largest map value shown).
     map_label: the map row's name and colour bar label.
+    score_name: the score shown (e.g. "paper score"), named in the figure's title with
+      the threshold.
   """
   images, recons = np.asarray(images), np.asarray(reconstructions)
   maps = np.asarray(anomaly_maps, dtype=np.float32)
@@ -208,13 +211,24 @@ def save_reconstruction_grid(
     titles,
     vmax if vmax else (float(maps[idx].max()) if maps[idx].max() > 0 else 1.0),
     map_label,
+    _grid_title(score_name, threshold),
   )
 
 
-def _draw_grid(path, images, recons, maps, labels, titles, vmax, map_label) -> None:
+def _grid_title(score_name: str | None, threshold: float | None) -> str | None:
+  """What the column scores are and where the decision falls, or None."""
+  if score_name is None:
+    return None
+  rule = '' if threshold is None else f'; anomalous = score > {threshold:.4g}'
+  return f"scores: {score_name} (the run's score){rule}"
+
+
+def _draw_grid(path, images, recons, maps, labels, titles, vmax, map_label, title=None) -> None:
   """Draws the 3-row grid of `save_reconstruction_grid` on already-selected columns."""
   cols = images.shape[0]
   fig = Figure(figsize=(1.25 * cols + 1.5, 4.9))
+  if title:
+    fig.suptitle(title, fontsize=8, y=0.995)
   axes = fig.subplots(3, cols, squeeze=False)
   fig.subplots_adjust(
     left=0.6 / fig.get_figwidth(),

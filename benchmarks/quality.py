@@ -40,6 +40,7 @@ import sys
 import time
 
 import numpy as np
+from provenance import provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -203,7 +204,8 @@ def _mean_row(cells: dict) -> str:
 
 def write_tables(cells: dict, out: pathlib.Path, header: str) -> None:
   """quality.json and a markdown table with means."""
-  (out / 'quality.json').write_text(json.dumps({'setup': header, 'cells': cells}, indent=2))
+  written = {'setup': header, **provenance(), 'cells': cells}
+  (out / 'quality.json').write_text(json.dumps(written, indent=2))
   lines = [
     f'Setup: {header}',
     '',
@@ -287,7 +289,7 @@ def main() -> None:
       if args.summarise_only:
         continue
       config = build_config(args.config, overrides, cls, seed)
-      cells[key] = run_cell(config, workdir)
+      cells[key] = {**run_cell(config, workdir), 'commit': provenance()['commit']}
       cells[key]['reference_shuffled_auroc'] = shuffled_reference_auroc(workdir)
       fill_score_columns(cells[key], workdir)
       add_external_columns(cells, official)

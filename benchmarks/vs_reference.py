@@ -70,6 +70,7 @@ import time
 import types
 
 import numpy as np
+from provenance import provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -376,6 +377,7 @@ def main() -> None:
     'versions': {'torch': torch.__version__, 'jax': jax.__version__},
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
     'setup': 'isize 32, ngf=ndf=64, nz=100, float32; train batch 64; ratio = ours / official',
+    **provenance(),
     'models': models,
     'rounds': args.rounds,
     'calls_per_round': args.calls,

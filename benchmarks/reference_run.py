@@ -75,7 +75,7 @@ def _module_attribute(name: str):
   return _Inert()
 
 
-def _stub_modules() -> None:
+def stub_modules() -> None:
   """torchvision / seaborn / visdom as inert modules (only plotting code uses them)."""
   for name in ('torchvision', 'torchvision.utils', 'torchvision.transforms', 'seaborn', 'visdom'):
     if name in sys.modules:
@@ -93,7 +93,7 @@ def import_reference(reference_dir: str):
       f'{reference_dir} is not the skip-ganomaly repository (no lib/models/skipganomaly.py): '
       'pass --reference_dir=/path/to/skip-ganomaly.'
     )
-  _stub_modules()
+  stub_modules()
   sys.path.insert(0, os.path.abspath(reference_dir))
   import torch  # noqa: PLC0415
   from lib.models.skipganomaly import Skipganomaly  # noqa: PLC0415

@@ -123,6 +123,17 @@ def pin_threads(n: int) -> int:
   return len(os.sched_getaffinity(0))
 
 
+def parse_options(options, nc: int, workdir: str):
+  """An official code's options (its own argparse) for one channel count, batch 64, CPU."""
+  argv, sys.argv = sys.argv, ['train.py', '--device', 'cpu', '--gpu_ids', '-1']
+  sys.argv += ['--nc', str(nc), '--isize', '32', '--batchsize', '64', '--manualseed', '0']
+  sys.argv += ['--outf', workdir, '--ngf', '64', '--ndf', '64', '--nz', '100']
+  try:
+    return options().parse()
+  finally:
+    sys.argv = argv
+
+
 class Official:
   """The official model for one channel count (batch 64 buffers; test() takes any batch)."""
 
@@ -130,14 +141,7 @@ class Official:
     from benchmarks import reference_run  # noqa: PLC0415  (after pinning: imports jax)
 
     options, patched, self.torch = reference_run.import_reference(reference_dir)
-    argv, sys.argv = sys.argv, ['train.py', '--device', 'cpu', '--gpu_ids', '-1']
-    sys.argv += ['--nc', str(nc), '--isize', '32', '--batchsize', '64', '--manualseed', '0']
-    sys.argv += ['--outf', workdir, '--ngf', '64', '--ndf', '64', '--nz', '100']
-    try:
-      opt = options().parse()
-    finally:
-      sys.argv = argv
-    self.model = patched(opt, None)
+    self.model = patched(parse_options(options, nc, workdir), None)
 
   def tensors(self, x: np.ndarray):
     """NHWC float32 -> (NCHW tensor, labels with both classes, as its roc needs)."""
@@ -184,7 +188,7 @@ def import_ganomaly(reference_dir: str):
     )
   from benchmarks import reference_run  # noqa: PLC0415  (after pinning: imports jax)
 
-  reference_run._stub_modules()
+  reference_run.stub_modules()
   import torch  # noqa: PLC0415
 
   saved = {name: sys.modules.pop(name) for name in _reference_modules()}
@@ -205,14 +209,7 @@ class OfficialGanomaly:
 
   def __init__(self, reference_dir: str, nc: int, workdir: str):
     options, ganomaly, self.torch = import_ganomaly(reference_dir)
-    argv, sys.argv = sys.argv, ['train.py', '--device', 'cpu', '--gpu_ids', '-1']
-    sys.argv += ['--nc', str(nc), '--isize', '32', '--batchsize', '64', '--manualseed', '0']
-    sys.argv += ['--outf', workdir, '--ngf', '64', '--ndf', '64', '--nz', '100']
-    try:
-      opt = options().parse()
-    finally:
-      sys.argv = argv
-    self.model = ganomaly(opt, None)
+    self.model = ganomaly(parse_options(options, nc, workdir), None)
 
   tensors = Official.tensors
 

@@ -8,6 +8,7 @@ compiles about 3x faster; it changes code generation, not the computation.
 
 import dataclasses
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -253,3 +254,19 @@ def knn_run(tmp_path_factory, digits_npz) -> InProcessRun:
   workdir = tmp_path_factory.mktemp('knn_run')
   report = train.train_and_evaluate(config, str(workdir))
   return InProcessRun(workdir, config, report)
+
+
+def run_isolated(code: str, cwd) -> dict:
+  """Runs `code` in a fresh interpreter that cannot import this repository (-I, no
+  PYTHONPATH), in `cwd`; returns the JSON object its last printed line holds."""
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  proc = subprocess.run(
+    [sys.executable, '-I', '-c', code],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -17,13 +17,11 @@ import json
 import os
 import runpy
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, main_in_process
+from conftest import ROOT, main_in_process, run_isolated
 
 import skipganomaly_jax
 from skipganomaly_jax import config as config_lib
@@ -167,17 +165,7 @@ detect, meta = runpy.run_path({str(LOADER)!r})['load_detector']({workdir + '/exp
 scores, anomalous = detect(np.load('images.npy'))
 print(json.dumps({{'scores': scores.tolist(), 'anomalous': anomalous.tolist()}}))
 """
-  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-  proc = subprocess.run(
-    [sys.executable, '-I', '-c', code],
-    cwd=tmp_path,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = run_isolated(code, tmp_path)
   expected = expected_scores(workdir, x)
   np.testing.assert_allclose(out['scores'], expected, rtol=RTOL)
   _, _, calibration = skipganomaly_jax.load(workdir)

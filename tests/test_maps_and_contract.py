@@ -18,12 +18,10 @@ import ast
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_config, tiny
+from conftest import ROOT, load_config, run_isolated, tiny
 from PIL import Image
 
 import skipganomaly_jax
@@ -305,17 +303,7 @@ np.save('x.npy', x)
 scores, anomalous = detect(x)
 print(json.dumps({{'scores': scores.tolist(), 'anomalous': anomalous.tolist()}}))
 """
-  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-  proc = subprocess.run(
-    [sys.executable, '-I', '-c', code],
-    cwd=tmp_path,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = run_isolated(code, tmp_path)
   ours = np.concatenate([input_pipeline.load_images(f, 32, 1)[0] for f in files])
   np.testing.assert_array_equal(np.load(tmp_path / 'x.npy'), ours)
   params, config, calibration = skipganomaly_jax.load(str(workdir))

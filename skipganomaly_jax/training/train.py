@@ -283,6 +283,14 @@ def _train_loop(ctx: TrainingContext, g, d, knn_bank, history: list, stop: Preem
     raise
 
 
+def _map_scale(ctx: TrainingContext, stored: dict | None, host_variables) -> localisation.MapScale:
+  """The maps' scale `stored` with the latest (evaluated) checkpoint, that of these
+  networks; computed from the validation normals for a checkpoint written before it was."""
+  if stored:
+    return localisation.MapScale.from_dict(stored)
+  return localisation.map_scale(host_variables, ctx.splits.val, ctx.specs.localisation)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (or resumes) a Skip-GANomaly model, evaluating after every epoch.
 
@@ -317,12 +325,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         test_scores = localisation.evaluate(
           host, ctx.splits, kind, ctx.specs.localisation
         ).test_scores
+    # Read in every process: Orbax synchronises the processes before a read.
+    stored_scale = ctx.checkpointer.restore_meta(None).get('map_scale') if history else None
     if history and jax.process_index() == 0:
       # Host copies: a jit over the global (all-process) arrays would have to run in
       # every process, but only process 0 plots.
       host = jax.device_get(variables)
       settings = ctx.specs.localisation
-      scale = localisation.map_scale(host, ctx.splits.val, settings)  # Of the pictures' maps.
+      scale = _map_scale(ctx, stored_scale, host)  # Of the pictures' maps.
       outputs.write_all(
         workdir,
         ctx.splits,

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from provenance import provenance
 
 from skipganomaly_jax.nets import layers
 from skipganomaly_jax.nets.models import ModelSpec
@@ -235,6 +236,7 @@ def main():
     'backend': jax.default_backend(),
     'machine': platform.platform(),
     'batch': args.batch,
+    **provenance(),
     'layers': bench_layers(args.isize, args.batch, args.iters, args.budget_s, rng),
   }
   if args.ops:

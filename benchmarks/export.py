@@ -26,6 +26,7 @@ import time
 
 import jax
 import numpy as np
+from provenance import provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -141,6 +142,7 @@ def main():
     'cpu_count': os.cpu_count(),
     'load_average_1min_at_end': os.getloadavg()[0],  # Shared machine: >cpu_count = noisy.
     'iters': args.iters,
+    **provenance(),
     'runs': runs,
   }
   header = ['score', 'scorer', 'MB', 'load s', '1st call s'] + [f'img/s b{b}' for b in batches]

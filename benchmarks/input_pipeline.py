@@ -21,6 +21,7 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+from provenance import provenance
 
 from skipganomaly_jax.config import DataSpec
 from skipganomaly_jax.data import input_pipeline as ip
@@ -152,7 +153,9 @@ def main() -> None:
     'cpus': os.cpu_count(),
     'python': platform.python_version(),
   }
-  _RESULTS.write_text(json.dumps({'config': meta, 'results': rows}, indent=2) + '\n')
+  _RESULTS.write_text(
+    json.dumps({'config': meta, **provenance(), 'results': rows}, indent=2) + '\n'
+  )
   print(f'wrote {_RESULTS}')
 
 

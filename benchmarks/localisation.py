@@ -22,6 +22,7 @@ import time
 
 import jax
 import numpy as np
+from provenance import provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -171,7 +172,7 @@ def main() -> None:
         print(textures.generate_texture(args.data, name))
     results = [run_texture(args, name) for name in names]
     pathlib.Path(args.out + '.json').write_text(
-      json.dumps({'args': vars(args), 'results': results}, indent=1, default=float)
+      json.dumps({'args': vars(args), **provenance(), 'results': results}, indent=1, default=float)
     )
   kind, sigma, score = args.chosen.split(',')
   table = markdown(results, (kind, float(sigma), score), args)

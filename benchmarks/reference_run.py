@@ -30,7 +30,8 @@ Resumable: after every epoch the networks, both optimisers, the RNG states and t
 history are saved to RUNS/<class>/state.pt (atomically; deleted when the class is done
 unless --keep_state); a rerun skips finished classes and continues a class from its last
 finished epoch (a killed epoch restarts). Results (per class: AUROC per epoch, max,
-best epoch, seconds per epoch) go to --out as JSON after every epoch.
+best epoch, seconds per epoch, the commit) go to --out as JSON after every epoch, with the
+commit and command line of the last write (benchmarks/provenance.py).
 
     python benchmarks/reference_run.py --config=configs/cifar10_arrays.py \
         --dataset_path=../shared/data/cifar10_dev.npz \
@@ -48,6 +49,7 @@ import time
 import types
 
 import numpy as np
+from provenance import provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -238,6 +240,7 @@ def summarise(history: dict, splits, args) -> dict:
     'num_train': int(len(splits.train)),
     'num_test_normal': int((splits.test_labels == 0).sum()),
     'num_test_abnormal': int((splits.test_labels == 1).sum()),
+    'commit': provenance()['commit'],  # Classes resume across sessions: each its own.
   }
 
 
@@ -254,7 +257,7 @@ def write_results(out: pathlib.Path, results: dict, args) -> None:
   )
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_suffix('.tmp')
-  tmp.write_text(json.dumps({'setup': setup, 'classes': results}, indent=2))
+  tmp.write_text(json.dumps({'setup': setup, **provenance(), 'classes': results}, indent=2))
   os.replace(tmp, out)
 
 

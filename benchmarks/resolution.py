@@ -27,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from provenance import provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -237,7 +238,13 @@ def main() -> None:
     rows += pair
     estimates[isize] = memory_estimate(*pair)
   table = markdown(e2e, rows, estimates)
-  result = {'end_to_end': e2e, 'rows': rows, 'estimates': estimates, 'device': str(jax.devices())}
+  result = {
+    **provenance(),
+    'end_to_end': e2e,
+    'rows': rows,
+    'estimates': estimates,
+    'device': str(jax.devices()),
+  }
   pathlib.Path(args.out + '.json').write_text(json.dumps(result, indent=1))
   pathlib.Path(args.out + '.md').write_text(table)
   print(table)

@@ -50,6 +50,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from provenance import provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -210,7 +211,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def write_tables(results: dict, out: pathlib.Path) -> None:
   """JSON and a markdown table: per class, per-dataset means, mean of the dataset means."""
   out.mkdir(parents=True, exist_ok=True)
-  (out / 'score_candidates.json').write_text(json.dumps(results, indent=2))
+  written = {**provenance(), **results}  # Top level: commit, command, then one key per dataset.
+  (out / 'score_candidates.json').write_text(json.dumps(written, indent=2))
   head = '| dataset | class | ' + ' | '.join(COLUMNS) + ' |'
   lines = [head, '|' + '---|' * (len(COLUMNS) + 2)]
   means = {}

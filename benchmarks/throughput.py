@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from provenance import provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -175,6 +176,7 @@ def main() -> None:
     'peak_host_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     'peak_device_memory_mib': device_peak_memory(),
     'iters': args.iters,
+    **provenance(),
     'rows': rows,
   }
   out = pathlib.Path(args.out)

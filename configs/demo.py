@@ -11,9 +11,9 @@ background job shared the cores; about 1 min 45 s idle): it prints
   0.6717, F1 0.3484) after epoch 1; ...
 i.e. the paper's score (the default, score_kind='paper') reaches AUROC 0.810 and the
 latent k-NN score of the same model 0.979 (--config.score_kind=latent_knn makes it the
-run's score). Why one epoch: it is a demo. After 15 epochs digit 0 scores 0.675 (paper
-score, which peaks after epoch 1) and 0.959 (latent k-NN); all digits and per-epoch
-curves: benchmarks/results/quality.md.
+run's score). Why one epoch: it is a demo. The run: benchmarks/results/demo_run.json. All
+digits after 15 epochs: being rerun into benchmarks/results/quality_mnist5k/ (the earlier
+table, benchmarks/results/quality.md, predates BatchNorm parity, 4920baf).
 """
 
 from configs import default

@@ -12,9 +12,9 @@ Map: reconstruction error + D-feature differences (2 levels, validation-normal u
 Gaussian sigma 2 px, image score = mean of the top 1% of map pixels ('map_topk'): the best
 mean pixel AUROC / PRO of the variants measured (benchmarks/results/localisation.md).
 Expected (brick, seed 0): image AUROC 0.850 (map_topk; the paper score 0.899), pixel
-AUROC 0.921, PRO 0.821 (no-network baseline: 0.626, 0.660, 0.395); grass and gravel are
-harder (0.487 / 0.660 / 0.452 and 0.645 / 0.695 / 0.474, measured before the BatchNorm
-running statistics matched PyTorch's, which moved brick's numbers in the third digit).
+AUROC 0.921, PRO 0.821 (benchmarks/results/textures_brick_run.json; no-network baseline:
+0.626, 0.660, 0.395); grass and gravel are harder (benchmarks/results/localisation.md,
+which predates BatchNorm parity, 4920baf, and has not been rerun).
 Brick took 4 min 48 s on this project's 2-core CPU while other jobs shared it (5-15 min
 seen; compilation and an evaluation after every epoch included).
 Prints image AUROC, pixel AUROC and PRO (FPR <= 0.3); localisation.png shows maps and

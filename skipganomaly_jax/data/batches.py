@@ -99,6 +99,9 @@ class TrainIterator:
     """The position as JSON-serialisable ints: {'epoch': e, 'step_in_epoch': s}."""
     return {'epoch': int(self._epoch), 'step_in_epoch': int(self._step)}
 
+  def close(self) -> None:
+    """Nothing to release (PrefetchIterator's stops its thread): one interface for all."""
+
   def set_state(self, state: dict) -> None:
     """Resumes from a `get_state()` dict: the next batch is the one that followed it."""
     epoch, step = int(state['epoch']), int(state['step_in_epoch'])

@@ -14,7 +14,7 @@ either.
 `config.device_data`: 'on', 'off' or 'auto' (default): on when the uint8 training set
 is at most DEVICE_DATA_MAX_BYTES (1 GiB) and at most 1/8 of a device's memory where the
 backend reports it. CIFAR-10 (45,000 x 32x32x3 = 138 MB) and MNIST (47 MB) qualify;
-ImageNet-sized sets stay on the host.
+ImageNet-sized sets stay on the host, batched ahead by a background thread (prefetch.py).
 """
 
 import functools
@@ -28,6 +28,8 @@ from jax.sharding import PartitionSpec as P
 from skipganomaly_jax.config import check_batch_divisible, check_field
 from skipganomaly_jax.data.batches import TrainIterator
 from skipganomaly_jax.data.images import to_float
+from skipganomaly_jax.data.prefetch import PrefetchIterator
+from skipganomaly_jax.parallel import shard_batch
 
 DEVICE_DATA_MAX_BYTES = 1 << 30  # 'auto': the most bytes of training images kept on devices.
 
@@ -128,9 +130,12 @@ def train_iterator(images, global_batch_size: int, seed: int, mesh: Mesh, device
     device_data: `config.device_data` ('auto', 'on' or 'off').
 
   Returns:
-    A DeviceTrainIterator (its batches: global jax.Arrays) or a TrainIterator (this
-    process's rows as numpy, for `mesh.shard_batch`); both in the same order.
+    A DeviceTrainIterator, or a PrefetchIterator over a TrainIterator: this process's
+    rows made and placed on the mesh (`parallel.shard_batch`) by a background thread,
+    PREFETCH_BATCHES ahead of the training loop. Both return global jax.Arrays, in
+    the same order; close the PrefetchIterator to stop its thread.
   """
   if use_device_data(device_data, images.nbytes, mesh.local_devices):
     return DeviceTrainIterator(images, global_batch_size, seed, mesh)
-  return TrainIterator(images, global_batch_size, seed, jax.process_index(), jax.process_count())
+  host = TrainIterator(images, global_batch_size, seed, jax.process_index(), jax.process_count())
+  return PrefetchIterator(host, place=functools.partial(shard_batch, mesh=mesh))

@@ -14,7 +14,9 @@ Sources (`DataSpec.name`, from config.dataset.name):
 arrays; `TrainIterator` and `eval_batches` batch them deterministically across processes,
 scaled to float32 [-1, 1]; `train_iterator` picks `DeviceTrainIterator` (the same batches
 gathered on the devices from a device-resident uint8 copy) when the training set fits
-(config.device_data). This module never imports training code.
+(config.device_data), else wraps TrainIterator in `PrefetchIterator` (batches made and
+placed on the mesh by a background thread, PREFETCH_BATCHES ahead). This module never
+imports training code.
 """
 
 import dataclasses
@@ -29,13 +31,16 @@ from skipganomaly_jax.data.device_batches import (
   use_device_data,
 )
 from skipganomaly_jax.data.images import load_images, to_float
+from skipganomaly_jax.data.prefetch import PREFETCH_BATCHES, PrefetchIterator
 from skipganomaly_jax.data.splits import PROTOCOLS, DataSplits
 
 __all__ = [
   'DEVICE_DATA_SETTINGS',
+  'PREFETCH_BATCHES',
   'PROTOCOLS',
   'DeviceTrainIterator',
   'DataSplits',
+  'PrefetchIterator',
   'TrainIterator',
   'eval_batches',
   'load_images',

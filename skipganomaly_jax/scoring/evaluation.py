@@ -12,6 +12,10 @@ evaluation batch), and `evaluate` is the one evaluation of a model (calibration 
 validation normals, test metrics of both scores, the reference protocol on request), used
 by training and by `--mode=eval` alike. Both can stop between batches when asked
 (preemption).
+
+Nothing here waits for the host between batches (placement.py): the variables are
+placed on the devices once per evaluation, batches are dispatched ahead and the outputs
+gathered once per dataset; the k-NN bank never leaves the devices.
 """
 
 import functools
@@ -19,8 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from skipganomaly_jax.config import (
@@ -33,7 +36,7 @@ from skipganomaly_jax.data.batches import eval_batches
 from skipganomaly_jax.data.images import check_batch_shape, to_float
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.parallel import AXIS, shard_batch
-from skipganomaly_jax.scoring import localisation, metrics
+from skipganomaly_jax.scoring import localisation, metrics, placement
 from skipganomaly_jax.scoring.scores import normalise_codes, score_terms
 
 REFERENCE_BATCH = 64  # The reference's test batch size.
@@ -41,6 +44,10 @@ REFERENCE_BATCH = 64  # The reference's test batch size.
 
 class DatasetScorer:
   """Scores datasets with eval-mode BatchNorm, data-parallel over a mesh.
+
+  The variables are placed on the mesh once per call (`place`; a no-op for variables
+  already there, as an evaluation passes them), every batch is dispatched ahead of the
+  host (`placement.InFlight`) and the outputs are gathered once, at the end.
 
   Args:
     spec: the architecture.
@@ -72,56 +79,109 @@ class DatasetScorer:
       )
       for keys in (('score', 'paper_score'), ('code',))
     }
+    self._replicated = NamedSharding(mesh, P())
+    # The batches' outputs joined on the devices, replicated: in several processes the
+    # gather is this program's collective, not one host round trip per batch.
+    self._join = jax.jit(_join, static_argnums=1, out_shardings=self._replicated)
+    self._bank = jax.jit(_unit_codes, static_argnums=1, out_shardings=self._replicated)
+    # lam is closed over: a Python float argument would be a host-to-device transfer.
+    self._reference = jax.jit(functools.partial(_reference_scores, spec=spec, lam=lam, dtype=dtype))
 
-  def __call__(self, variables, images: np.ndarray, keys=('score', 'paper_score')) -> dict:
+  def place(self, variables):
+    """The variables replicated on the mesh (no transfer for variables already there)."""
+    return jax.device_put(variables, self._replicated)
+
+  def dispatch(self, variables, images: np.ndarray, keys=('score', 'paper_score'), stop=None):
+    """Dispatches every batch of `images`; returns their outputs, still on the devices.
+
+    Args:
+      variables: the scoring variables (see `__call__`).
+      images: (N, isize, isize, nc) uint8 or float [-1, 1] images.
+      keys: ('score', 'paper_score') or ('code',).
+      stop: None, or a function called before each batch; True raises `Interrupted`.
+
+    Returns:
+      A list of {key: global array} per (padded) global batch; `join` them.
+    """
+    check_batch_shape(np.shape(images), self.spec.isize, self.spec.nc)
+    variables, step = self.place(variables), self._steps[tuple(keys)]
+    flight = placement.InFlight()
+    for batch in eval_batches(
+      images, self.global_batch_size, jax.process_index(), jax.process_count()
+    ):
+      _check(stop)
+      flight.add(step(variables, shard_batch(batch, self.mesh)))
+    return flight.outputs
+
+  def join(self, parts: list, n: int, keys=('score', 'paper_score')) -> dict:
+    """`dispatch`'s outputs as numpy arrays of n rows, on every process (one gather)."""
+    if not parts:
+      code = (self.spec.code_size,)
+      return {k: np.zeros((0, *(code if k == 'code' else ())), np.float32) for k in keys}
+    return placement.host_copy(self._join(parts, n))
+
+  def __call__(self, variables, images: np.ndarray, keys=('score', 'paper_score'), stop=None):
     """Outputs `keys` of the scores for all `images`, in order, on every process.
 
     Args:
       variables: the scoring variables (a 'knn_bank' makes 'score' the latent k-NN one).
       images: (N, isize, isize, nc) uint8 or float [-1, 1] images.
       keys: ('score', 'paper_score') or ('code',).
+      stop: None, or a function called before each batch; True raises `Interrupted`.
 
     Returns:
       dict of numpy arrays with len(images) rows.
     """
-    check_batch_shape(np.shape(images), self.spec.isize, self.spec.nc)
-    n, step = len(images), self._steps[tuple(keys)]
-    batches = eval_batches(images, self.global_batch_size, jax.process_index(), jax.process_count())
-    out = []
-    for batch in batches:
-      values = step(variables, shard_batch(batch, self.mesh))
-      out.append(
-        {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in values.items()}
-      )
-    if not out:
-      code = (self.spec.code_size,)
-      return {k: np.zeros((0, *(code if k == 'code' else ())), np.float32) for k in keys}
-    return {k: np.concatenate([o[k] for o in out])[:n] for k in keys}
+    return self.join(self.dispatch(variables, images, keys, stop), len(images), keys)
 
-  def reference_protocol(self, variables, images: np.ndarray) -> np.ndarray:
+  def unit_codes(self, variables, images: np.ndarray, stop=None) -> jax.Array:
+    """Unit-norm bottleneck codes of `images`, (N, code), replicated on the mesh.
+
+    They never leave the devices (the k-NN bank). Raises `Interrupted` as `dispatch`.
+    """
+    parts = self.dispatch(variables, images, ('code',), stop)
+    if not parts:
+      return jax.device_put(np.zeros((0, self.spec.code_size), np.float32), self._replicated)
+    return self._bank([p['code'] for p in parts], len(images))
+
+  def reference_protocol(self, variables, images: np.ndarray, stop=None) -> np.ndarray:
     """The reference's test scores (paper score): train-mode BatchNorm, in-order batches of 64.
 
     Each batch is normalised with its own statistics (so a score depends on its batch
     neighbours); the last partial batch keeps its size, as the reference's loader does.
-    Runs on one device; results are identical on every process.
+    Runs on this process's first device of the mesh (the variables are copied there
+    once, unless already there); results are identical on every process.
 
     Args:
-      variables: the scoring variables, on the host (jax.device_get).
+      variables: the scoring variables, on the devices or the host.
       images: (N, isize, isize, nc) uint8 images, in the reference's order.
+      stop: None, or a function called before each batch; True raises `Interrupted`.
 
     Returns:
       (N,) numpy paper scores.
     """
     check_batch_shape(np.shape(images), self.spec.isize, self.spec.nc)
-    out = []
+    device = self.mesh.local_devices[0]
+    variables, flight = placement.on_one_device(variables, device), placement.InFlight()
     for start in range(0, len(images), REFERENCE_BATCH):
-      chunk = jnp.asarray(to_float(images[start : start + REFERENCE_BATCH]))
-      out.append(np.asarray(_reference_batch(variables, chunk, self.spec, self.lam, self.dtype)))
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+      _check(stop)
+      chunk = jax.device_put(to_float(images[start : start + REFERENCE_BATCH]), device)
+      flight.add(self._reference(variables, chunk))
+    if not flight.outputs:
+      return np.zeros((0,), np.float32)
+    return np.concatenate(jax.device_get(flight.outputs))
 
 
-@functools.partial(jax.jit, static_argnames=('spec', 'dtype'))
-def _reference_batch(variables, images, spec, lam, dtype):
+def _join(parts: list, n: int) -> dict:
+  """The batches' outputs concatenated, padding rows dropped."""
+  return jax.tree.map(lambda *a: jnp.concatenate(a)[:n], *parts)
+
+
+def _unit_codes(parts: list, n: int):
+  return normalise_codes(jnp.concatenate(parts)[:n])
+
+
+def _reference_scores(variables, images, spec, lam, dtype):
   return score_terms(variables, images, lam, spec, train=True, dtype=dtype)['paper_score']
 
 
@@ -142,7 +202,7 @@ def _check(should_stop) -> None:
 def score_dataset(
   scorer: DatasetScorer, variables, images: np.ndarray, keys=('score', 'paper_score'), stop=None
 ) -> dict:
-  """`scorer(variables, images, keys)`, one global batch at a time, checking `stop()`.
+  """`scorer(variables, images, keys)`, checking `stop()` before each global batch.
 
   Args:
     scorer: the dataset scorer.
@@ -153,38 +213,20 @@ def score_dataset(
       raises `Interrupted`.
 
   Returns:
-    dict of numpy arrays with len(images) rows, equal to one call on all images (the
-    batches are the scorer's own).
+    dict of numpy arrays with len(images) rows.
   """
-  size = scorer.global_batch_size
-  if stop is None or len(images) <= size:
-    _check(stop)
-    return scorer(variables, images, keys)
-  parts = []
-  for start in range(0, len(images), size):
-    _check(stop)
-    parts.append(scorer(variables, images[start : start + size], keys))
-  return {k: np.concatenate([p[k] for p in parts]) for k in keys}
-
-
-def _reference_auroc(scorer: DatasetScorer, variables, splits, stop) -> float:
-  """AUROC of the reference protocol's test scores, checking `stop()` between batches."""
-  host = jax.device_get(variables)  # On one local device in each process.
-  scores = []
-  for start in range(0, len(splits.test), REFERENCE_BATCH):
-    _check(stop)
-    scores.append(scorer.reference_protocol(host, splits.test[start : start + REFERENCE_BATCH]))
-  return metrics.auroc(splits.test_labels, np.concatenate(scores))
+  return scorer(variables, images, keys, stop=stop)
 
 
 def knn_bank(scorer: DatasetScorer, variables, train: np.ndarray, score: ScoreSpec, stop=None):
   """Unit-norm bottleneck codes of (up to score.knn_bank_size) training normals.
 
   Eval-mode BatchNorm, the model being evaluated; a seeded subset when the training set
-  is larger than the cap. Validation and test images are never in the bank.
+  is larger than the cap. Validation and test images are never in the bank. The codes
+  are computed, joined and normalised on the devices and stay there.
 
   Returns:
-    (M, code) float32 numpy array.
+    (M, code) float32 jax.Array, replicated on the scorer's mesh.
 
   Raises:
     Interrupted: `stop()` returned True between batches.
@@ -193,8 +235,7 @@ def knn_bank(scorer: DatasetScorer, variables, train: np.ndarray, score: ScoreSp
   if len(train) > cap:
     pick = np.random.default_rng([score.seed, 2]).choice(len(train), cap, replace=False)
     train = train[np.sort(pick)]
-  codes = score_dataset(scorer, variables, train, ('code',), stop)['code']
-  return np.asarray(normalise_codes(codes))
+  return scorer.unit_codes(variables, train, stop)
 
 
 def evaluate(
@@ -229,6 +270,7 @@ def evaluate(
   Raises:
     Interrupted: `stop()` returned True.
   """
+  variables = scorer.place(variables)  # Once: no call below uploads the weights again.
   key = 'score' if score.kind == 'latent_knn' else 'paper_score'
   val_scores = score_dataset(scorer, variables, splits.val, stop=stop)[key]
   test, labels = score_dataset(scorer, variables, splits.test, stop=stop), splits.test_labels
@@ -237,8 +279,7 @@ def evaluate(
     report['latent_knn_auroc'] = metrics.auroc(labels, test['score'])
   if localisation.needed(score.kind, splits):  # Map scores; pixel AUROC, PRO with masks.
     _check(stop)
-    host = jax.device_get(variables)
-    loc = localisation.evaluate(host, splits, score.kind, localisation_spec)
+    loc = localisation.evaluate(variables, splits, score.kind, localisation_spec)
     report.update(loc.report)
     if loc.test_scores is not None:  # A map score is the run's score.
       val_scores, test_scores = loc.val_scores, loc.test_scores
@@ -247,5 +288,6 @@ def evaluate(
   report.update(metrics.evaluate(labels, test_scores, calibration))
   report.update(score_kind=score.kind, val_score=float(np.mean(val_scores)))
   if score.eval_protocol == 'reference':
-    report['reference_protocol_auroc'] = _reference_auroc(scorer, variables, splits, stop)
+    test_reference = scorer.reference_protocol(variables, splits.test, stop)
+    report['reference_protocol_auroc'] = metrics.auroc(labels, test_reference)
   return report, calibration, test_scores

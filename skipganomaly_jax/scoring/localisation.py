@@ -32,8 +32,8 @@ from skipganomaly_jax.data import mvtec
 from skipganomaly_jax.data.batches import eval_batches
 from skipganomaly_jax.data.images import as_model_input
 from skipganomaly_jax.nets.models import ModelSpec
-from skipganomaly_jax.scoring import metrics, pixel_metrics
-from skipganomaly_jax.scoring.scores import anomaly_map, generator_outputs, score_details
+from skipganomaly_jax.scoring import metrics, pixel_metrics, placement
+from skipganomaly_jax.scoring.scores import anomaly_map, generator_outputs
 
 CHUNK = 64  # Images per compiled call.
 
@@ -64,9 +64,6 @@ def gaussian_filter(maps, sigma: float):
       for i in range(2 * radius + 1)
     )
   return out
-
-
-_smooth = jax.jit(gaussian_filter, static_argnums=1)
 
 
 def _d_features(spec: ModelSpec, variables, x, levels: int) -> list:
@@ -102,34 +99,79 @@ def _terms(params, images, spec: ModelSpec, d_levels: int) -> dict:
   return out
 
 
+def _networks(variables) -> dict:
+  """The networks' variables, on one device (placed once; see placement.on_one_device)."""
+  return placement.on_one_device({k: variables[k] for k in ('generator', 'discriminator')})
+
+
+def _device_terms(params, images, d_levels: int, chunk: int = CHUNK) -> dict:
+  """`map_terms` left on the device of `params` (placed by `_networks`).
+
+  Each chunk is uploaded explicitly and dispatched ahead of the host; the terms are
+  joined on the device. Never a transfer of the weights.
+  """
+  spec = ModelSpec.from_variables(params)
+  x = as_model_input(images, spec.isize, spec.nc)
+  n, device = x.shape[0], placement.device_of(params)
+  if n == 0:
+    empty = np.zeros((0, spec.isize, spec.isize), np.float32)
+    return jax.device_put({'rec': empty} | ({'d': empty} if d_levels else {}), device)
+  flight = placement.InFlight()
+  for batch in eval_batches(x, min(chunk, n)):
+    flight.add(_terms(params, jax.device_put(batch, device), spec, d_levels))
+  parts = flight.outputs
+  # lax.slice_in_dim: a Python slice of a jax array would upload its bounds implicitly.
+  return {k: jax.lax.slice_in_dim(jnp.concatenate([p[k] for p in parts]), 0, n) for k in parts[0]}
+
+
 def map_terms(params, images, d_levels: int = 0, chunk: int = CHUNK) -> dict[str, np.ndarray]:
   """The unsmoothed per-pixel terms of images: {'rec': (N, H, W)[, 'd': (N, H, W)]}.
 
-  Without a 'd' term the 'rec' map is `score_details`' own `anomaly_map` (the one
-  definition, for any network that `score_details` scores).
+  The 'rec' map is `scores.anomaly_map` of G's reconstruction (`generator_outputs`):
+  the one definition, the map that `score_details` returns.
 
   Args:
-    params: `score_fn` variables ({'generator': ..., 'discriminator': ...}).
+    params: `score_fn` variables ({'generator': ..., 'discriminator': ...}), on the host
+      or the devices (placed on one device once).
     images: (N, isize, isize, nc), uint8 or float in [-1, 1] (checked as by score_fn).
     d_levels: D levels of the 'd' term (0: no 'd' term).
     chunk: images per compiled call (the batches of `eval_batches`, zero-padded).
   """
-  if not d_levels:
-    rec = score_details(params, images, return_maps=True, chunk=chunk)['anomaly_map']
-    return {'rec': np.asarray(rec, np.float32)}
-  spec = ModelSpec.from_variables(params)
-  x = as_model_input(images, spec.isize, spec.nc)
-  n = x.shape[0]
-  if n == 0:
-    shape = (0, spec.isize, spec.isize)
-    return {'rec': np.zeros(shape, np.float32)} | ({'d': np.zeros(shape)} if d_levels else {})
-  parts = [_terms(params, batch, spec, d_levels) for batch in eval_batches(x, min(chunk, n))]
-  return {k: np.concatenate([np.asarray(p[k]) for p in parts])[:n] for k in parts[0]}
+  return jax.device_get(_device_terms(_networks(params), images, d_levels, chunk))
+
+
+@jax.jit
+def _device_scale(terms: dict) -> dict:
+  """`term_scale` on the device: each term's mean, at least 1e-12."""
+  return {k: jnp.maximum(jnp.mean(v), 1e-12) for k, v in terms.items()}
 
 
 def term_scale(val_terms: dict) -> dict[str, float]:
   """Each term's mean over validation-normal pixels (the unit of 'rec+d')."""
   return {k: max(float(np.mean(v)), 1e-12) for k, v in val_terms.items()}
+
+
+@functools.partial(jax.jit, static_argnames=('kind', 'd_weight', 'sigma'))
+def _combine(terms: dict, scale, kind: str, d_weight: float, sigma: float):
+  raw = terms['rec']
+  if kind != 'rec':
+    raw = raw / scale['rec'] + d_weight * terms['d'] / scale['d']
+  return gaussian_filter(raw, sigma)
+
+
+def _device_maps(terms: dict, settings: Settings, scale=None):
+  """`combine` on the device of `terms`; scale: floats or device scalars."""
+  if settings.map != 'rec':
+    if scale is None or 'd' not in terms:
+      raise ValueError("map='rec+d' needs the 'd' term and the validation scale.")
+    device = placement.device_of(terms)
+    scale = {
+      k: jax.device_put(np.float32(scale[k]) if np.isscalar(scale[k]) else scale[k], device)
+      for k in ('rec', 'd')
+    }
+  else:
+    scale = None  # Not an input of the 'rec' map's program.
+  return _combine(terms, scale, settings.map, float(settings.d_weight), float(settings.sigma))
 
 
 def combine(terms: dict, settings: Settings, scale: dict | None = None) -> np.ndarray:
@@ -140,13 +182,7 @@ def combine(terms: dict, settings: Settings, scale: dict | None = None) -> np.nd
     settings: the map kind, weight and sigma.
     scale: `term_scale` of the validation normals (needed for 'rec+d').
   """
-  if settings.map == 'rec':
-    raw = terms['rec']
-  else:
-    if scale is None or 'd' not in terms:
-      raise ValueError("map='rec+d' needs the 'd' term and the validation scale.")
-    raw = terms['rec'] / scale['rec'] + settings.d_weight * terms['d'] / scale['d']
-  return np.asarray(_smooth(raw, float(settings.sigma)))
+  return jax.device_get(_device_maps(placement.on_one_device(terms), settings, scale))
 
 
 def image_scores(maps, kind: str, topk_fraction: float = 0.01) -> np.ndarray:
@@ -163,10 +199,14 @@ def image_scores(maps, kind: str, topk_fraction: float = 0.01) -> np.ndarray:
   return np.mean(np.partition(maps, maps.shape[1] - k, axis=1)[:, -k:], axis=1)
 
 
+def _d_levels(settings: Settings) -> int:
+  return settings.d_levels if settings.map == 'rec+d' else 0
+
+
 def anomaly_maps(params, images, settings: Settings, scale: dict | None = None) -> np.ndarray:
   """Smoothed (N, H, W) anomaly maps of images (see the module doc)."""
-  d_levels = settings.d_levels if settings.map == 'rec+d' else 0
-  return combine(map_terms(params, images, d_levels), settings, scale)
+  terms = _device_terms(_networks(params), images, _d_levels(settings))
+  return jax.device_get(_device_maps(terms, settings, scale))
 
 
 def score_images(params, images, kind: str, settings: Settings, terms: dict | None = None) -> dict:
@@ -235,10 +275,10 @@ class MapScale:
 
 def map_scale(params, val, settings: Settings) -> MapScale:
   """The `MapScale` of a model's maps, from its validation normals `val`."""
-  d_levels = settings.d_levels if settings.map == 'rec+d' else 0
-  val_terms = map_terms(params, val, d_levels)
-  terms = term_scale(val_terms)
-  maps = combine(val_terms, settings, terms)
+  val_terms = _device_terms(_networks(params), val, _d_levels(settings))
+  scale = _device_scale(val_terms)
+  maps, scale = jax.device_get((_device_maps(val_terms, settings, scale), scale))
+  terms = {k: float(v) for k, v in scale.items()}
   unit = float(np.percentile(maps, UNIT_PERCENTILE)) if maps.size else 0.0
   return MapScale(max(unit, 1e-12), terms, UNIT_PERCENTILE, len(val))
 
@@ -301,7 +341,8 @@ def evaluate(variables, splits, kind: str, settings: Settings) -> Result:
   """Maps of the validation and test images; pixel metrics when the test set has masks.
 
   Args:
-    variables: host copies of the scoring variables.
+    variables: the scoring variables, on the devices (a local copy is used: no
+      transfer) or the host (copied to one device once).
     splits: the run's `DataSplits`.
     kind: the run's score kind (config.score_kind).
     settings: the run's localisation settings.
@@ -311,10 +352,12 @@ def evaluate(variables, splits, kind: str, settings: Settings) -> Result:
     'pixel_auroc', 'pro' (up to FPR 0.3) and 'per_defect'; val/test scores when
     `kind` is a map score (they then replace the run's scores).
   """
-  d_levels = settings.d_levels if settings.map == 'rec+d' else 0
-  val_terms = map_terms(variables, splits.val, d_levels)
-  scale = term_scale(val_terms)
-  maps = combine(map_terms(variables, splits.test, d_levels), settings, scale)
+  params, d_levels = _networks(variables), _d_levels(settings)
+  val_terms = _device_terms(params, splits.val, d_levels)
+  scale = _device_scale(val_terms)  # Stays on the device: nothing waits for it.
+  test_maps = _device_maps(_device_terms(params, splits.test, d_levels), settings, scale)
+  val_maps = _device_maps(val_terms, settings, scale) if kind in MAP_SCORE_KINDS else None
+  maps, val_maps = jax.device_get((test_maps, val_maps))  # The one gather.
   scores = {k: image_scores(maps, k, settings.topk_fraction) for k in MAP_SCORE_KINDS}
   report = {f'{k}_auroc': metrics.auroc(splits.test_labels, s) for k, s in scores.items()}
   result = Result(report=report, test_maps=maps)
@@ -322,7 +365,6 @@ def evaluate(variables, splits, kind: str, settings: Settings) -> Result:
     report.update(pixel_metrics.evaluate_pixels(maps, splits.test_masks))
     report['per_defect'] = _per_defect(splits, maps, scores[_map_kind(kind)])
   if kind in MAP_SCORE_KINDS:
-    val_maps = combine(val_terms, settings, scale)
     result.val_scores = image_scores(val_maps, kind, settings.topk_fraction)
     result.test_scores = scores[kind]
   return result

@@ -41,6 +41,7 @@ STATE_ITEM = 'state'
 META_ITEM = 'meta'
 METRIC_NAME = 'val_score'
 _META_FILE = 'metadata'  # The file of the meta item (Orbax's JsonCheckpointHandler's name).
+UNREAD = ocp.PLACEHOLDER  # A target leaf that `restore` leaves unread (a partial restore).
 _MAX_LISTED = 5
 
 
@@ -97,6 +98,7 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   registry.add(STATE_ITEM, ocp.args.StandardSave)
   registry.add(STATE_ITEM, ocp.args.StandardRestore)
+  registry.add(STATE_ITEM, ocp.args.PyTreeRestore)  # Partial restores (UNREAD leaves).
   registry.add(META_ITEM, ocp.args.JsonSave)
   registry.add(META_ITEM, ocp.args.JsonRestore)
   return registry
@@ -119,7 +121,10 @@ def _key_str(key: Any) -> str:
 
 
 def _leaf_shape(leaf: Any) -> tuple[int, ...]:
-  """The stored shape of a leaf; typed PRNG keys are stored as their key data."""
+  """The stored shape of a leaf; typed PRNG keys are stored as their key data; None for
+  an UNREAD leaf (any stored shape matches it)."""
+  if leaf is UNREAD:
+    return None
   dtype = getattr(leaf, 'dtype', None)
   if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
     return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
@@ -138,7 +143,7 @@ def _describe_mismatch(stored: dict, expected: dict) -> list[str]:
   name = lambda path: '.'.join(path) or '<root>'
   missing = [p for p in expected if p not in stored]
   unexpected = [p for p in stored if p not in expected]
-  differing = [p for p in expected if p in stored and stored[p] != expected[p]]
+  differing = [p for p in expected if p in stored and expected[p] not in (None, stored[p])]
   problems = [
     f'leaf {name(p)!r}: expected shape {expected[p]}, found {stored[p]}'
     for p in differing[:_MAX_LISTED]
@@ -152,6 +157,19 @@ def _describe_mismatch(stored: dict, expected: dict) -> list[str]:
   if len(differing) > _MAX_LISTED:
     problems.append(f'and {len(differing) - _MAX_LISTED} more leaves with other shapes')
   return problems
+
+
+def _restore_args(target: Any):
+  """StandardRestore of `target`; PyTreeRestore when it has UNREAD leaves (a partial
+  restore: StandardRestore refuses placeholders, PyTreeRestore skips them)."""
+  if not any(leaf is UNREAD for leaf in jax.tree.leaves(target)):
+    return ocp.args.StandardRestore(target)
+  restore_args = jax.tree.map(
+    lambda leaf, arg: UNREAD if leaf is UNREAD else arg,
+    target,
+    ocp.checkpoint_utils.construct_restore_args(target),
+  )
+  return ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
 
 
 def _unreadable_metrics(directory: str) -> list[str]:
@@ -315,7 +333,8 @@ class Checkpointer:
       step: the step to restore; None = the latest.
       target: a pytree of the saved structure whose leaves are concrete arrays or
         `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape` of the state constructor); its
-        classes, dtypes and shardings are those of the result.
+        classes, dtypes and shardings are those of the result. Leaves that are UNREAD
+        are not read (they come back as UNREAD).
 
     Returns:
       (state, meta).
@@ -327,7 +346,7 @@ class Checkpointer:
     step = self._resolve_step(step)
     self._check_target(step, target)
     args = ocp.args.Composite(
-      **{STATE_ITEM: ocp.args.StandardRestore(target), META_ITEM: ocp.args.JsonRestore()}
+      **{STATE_ITEM: _restore_args(target), META_ITEM: ocp.args.JsonRestore()}
     )
     try:
       restored = self._manager.restore(step, args=args)

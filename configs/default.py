@@ -56,6 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   # GANomaly only: 3x3 conv + BatchNorm layers added at the first level of its encoders,
   # decoder and D (the authors' --extralayers; 0 as in their paper). 0 for Skip-GANomaly.
   config.model.extra_layers = 0
+  # How convolutions compute, with the same parameters and results up to float rounding:
+  # 'auto' (on CPU custom-gradient paths that are faster there, on GPU/TPU plain `lax`
+  # convolutions), 'lax' (plain `lax` everywhere: the graph that accelerators run) or
+  # 'fast' (the CPU paths everywhere; for tests). See skipganomaly_jax/nets/layers.py.
+  config.model.conv_impl = 'auto'
   config.dtype = 'float32'  # Compute dtype; 'bfloat16' for GPU/TPU (params stay float32).
 
   config.loss = ml_collections.ConfigDict()

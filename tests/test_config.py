@@ -43,6 +43,7 @@ ROWS = [
   ('model.nz', 16.0, 'an integer >= 1'),
   ('model.drop_outer_skips', 5, 'an integer in [0, 4] (the U-Net has 4 skip connections'),
   ('model.extra_layers', -1, 'an integer >= 0 (GANomaly only'),
+  ('model.conv_impl', 'cudnn', "one of ('auto', 'lax', 'fast')"),
   ('dtype', 'float16', "one of ('float32', 'bfloat16')"),
   ('loss.w_adv', -1.0, 'a finite number >= 0'),
   ('loss.w_con', float('nan'), 'a finite number >= 0'),
@@ -220,7 +221,12 @@ def stored_config_of_the_old_run() -> dict:
 def test_the_stored_config_of_an_old_run_loads():
   stored = stored_config_of_the_old_run()
   config = config_lib.from_stored(stored)
-  added = {'model.name': 'skipganomaly', 'model.extra_layers': 0, 'loss.w_enc': 1.0}
+  added = {
+    'model.name': 'skipganomaly',
+    'model.extra_layers': 0,
+    'model.conv_impl': 'auto',
+    'loss.w_enc': 1.0,
+  }
   assert not set(added) & set(flat(stored))  # Fields added since that run: their defaults.
   assert flat(config.to_dict()) == {**flat(stored), **added}
   specs = config_lib.specs(config)
@@ -262,6 +268,18 @@ def test_training_refuses_a_bad_field_before_anything_runs(tmp_path, monkeypatch
   with pytest.raises(ValueError, match=rf'config\.{field} must be'):
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_conv_impl_reaches_the_networks_and_is_checked_on_direct_use():
+  config = load_config('default')
+  config.model.conv_impl = 'lax'
+  spec = ModelSpec.from_settings(config_lib.specs(config).model)
+  assert spec.conv_impl == 'lax' and spec.generator().conv_impl == 'lax'
+  assert spec.discriminator().conv_impl == 'lax'
+  assert ModelSpec.from_settings(config_lib.specs(config).model, 'fast').conv_impl == 'fast'
+  for make in (lambda: ModelSpec(conv_impl='cuda'), lambda: config_lib.ModelSettings(conv_impl='')):
+    with pytest.raises(ValueError, match=r"config\.model\.conv_impl must be one of \('auto'"):
+      make()
 
 
 def test_compute_dtype():

@@ -18,6 +18,7 @@ value to set.
 from skipganomaly_jax.config.fields import (
   ALLOWED_NC,
   CHECKPOINT_NAMES,
+  CONV_IMPLS,
   DATASET_PROTOCOLS,
   DEFAULT_LAMBDA,
   DEVICE_DATA_SETTINGS,
@@ -61,6 +62,7 @@ from skipganomaly_jax.config.run_specs import (
 __all__ = [
   'ALLOWED_NC',
   'CHECKPOINT_NAMES',
+  'CONV_IMPLS',
   'DATASET_PROTOCOLS',
   'DEFAULT_LAMBDA',
   'DEVICE_DATA_SETTINGS',

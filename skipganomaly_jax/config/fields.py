@@ -22,6 +22,11 @@ SCORE_KINDS = ('latent_knn', 'paper')
 # The models: Skip-GANomaly (the default, nets/models.py) and its baseline GANomaly
 # (nets/ganomaly.py), trained by the same step and scored by the same functions.
 MODEL_NAMES = ('skipganomaly', 'ganomaly')
+# How the networks' convolutions compute (nets/layers.py), with the same parameters:
+# 'auto' (CPU: the custom_vjp paths; GPU/TPU: plain `lax`), 'lax' (plain `lax` ops with
+# jax's autodiff everywhere: the graph accelerators run) or 'fast' (the custom_vjp paths
+# everywhere, for tests).
+CONV_IMPLS = ('auto', 'lax', 'fast')
 # Image scores computed from the anomaly map (scoring/localisation.py).
 MAP_SCORE_KINDS = ('map_max', 'map_topk')
 MAPS = ('rec', 'rec+d')
@@ -143,6 +148,7 @@ FIELDS: dict[str, Field] = {
   'model.nz': Field(_integer(1), 100),
   'model.drop_outer_skips': Field(_integer(0), 0),
   'model.extra_layers': Field(_EXTRA_LAYERS, 0),
+  'model.conv_impl': Field(_one_of(CONV_IMPLS), 'auto'),
   'dtype': Field(_one_of(DTYPES), 'float32'),
   'loss.w_adv': Field(_number(0), 1.0),
   'loss.w_con': Field(_number(0), 50.0),

@@ -68,8 +68,8 @@ class DataSpec:
 
 @_spec
 class ModelSettings:
-  """The networks' shapes (isize, nc, config.model.*); `nets.models.ModelSpec.from_settings`
-  builds the networks from them."""
+  """The networks' shapes (isize, nc, config.model.*) and how their convolutions compute;
+  `nets.models.ModelSpec.from_settings` builds the networks from them."""
 
   isize: int = _from('isize')
   nc: int = _from('nc')
@@ -79,6 +79,7 @@ class ModelSettings:
   drop_outer_skips: int = _from('model.drop_outer_skips')
   name: str = _from('model.name')  # 'skipganomaly' or 'ganomaly'.
   extra_layers: int = _from('model.extra_layers')  # GANomaly only.
+  conv_impl: str = _from('model.conv_impl')  # 'auto', 'lax' or 'fast' (same parameters).
 
   def __post_init__(self):
     _check_spec(self)

@@ -26,7 +26,8 @@ Per-layer timings of every plan (lax vs this module, forward and forward+backwar
 measured by benchmarks/conv_layers.py; the table is in docs/results.md.
 
 'lax' forces plain `lax` ops with jax's autodiff (the reference; always used off CPU);
-'fast' forces the custom_vjp with the best non-lax method of each op (for tests).
+'fast' forces the custom_vjp with the best non-lax method of each op (for tests). A run
+picks one with config.model.conv_impl ('lax' on CPU trains the accelerators' graph).
 The custom_vjp supports reverse mode (jit, grad, shard_map, vmap) but not forward mode;
 under shard_map its cotangents get their inputs' varying mesh axes (`_with_varying_axes_of`).
 """
@@ -39,11 +40,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from skipganomaly_jax.config import CONV_IMPLS
+
 Dtype = Any
 
 conv_init = nn.initializers.normal(stddev=0.02)
 
-IMPLS = ('auto', 'lax', 'fast')
+IMPLS = CONV_IMPLS  # config.model.conv_impl's values: 'auto', 'lax', 'fast'.
 _DN = ('NHWC', 'HWIO', 'NHWC')
 # Transposed conv 4x4, stride 2, padding (2, 2): output row 2a + p reads input rows a + d
 # with kernel row k, for (d, k) in _PHASE_TAPS[p].
@@ -219,6 +222,17 @@ def plan(h: int, c_in: int, impl: str = 'auto', backend: str | None = None):
   )
 
 
+def _varying_axes(x) -> frozenset:
+  """The manual mesh axes over which x varies (empty outside shard_map).
+
+  jax 0.10 spells it `jax.typeof(x).mat.varying`; jax 0.7-0.9 spelled it `.vma`. Both
+  are read, so that one release's rename does not break the CPU conv paths.
+  """
+  aval = jax.typeof(x)
+  mat = getattr(aval, 'mat', None)
+  return frozenset(mat.varying if mat is not None else getattr(aval, 'vma', ()))
+
+
 def _with_varying_axes_of(ct, primal):
   """The cotangent `ct` with the varying manual mesh axes of `primal` (under shard_map).
 
@@ -229,7 +243,7 @@ def _with_varying_axes_of(ct, primal):
   operand does for `lax` ops. (A cotangent that varies less is marked varying.) Outside
   shard_map both sets are empty and this is the identity.
   """
-  have, want = jax.typeof(ct).mat.varying, jax.typeof(primal).mat.varying
+  have, want = _varying_axes(ct), _varying_axes(primal)
   if have - want:
     ct = lax.psum(ct, tuple(sorted(have - want)))
   if want - have:

@@ -18,6 +18,7 @@ from skipganomaly_jax import config as config_lib
 from skipganomaly_jax.config import (
   ModelSettings,
   check_drop_outer_skips,
+  check_field,
   check_geometry,
   check_model_options,
 )
@@ -303,6 +304,7 @@ class ModelSpec:
     check_geometry(self.isize, self.nc)
     check_drop_outer_skips(self.drop_outer_skips, int(math.log2(self.isize)))
     check_model_options(self.name, self.ngf, self.ndf, self.drop_outer_skips, self.extra_layers)
+    check_field('model.conv_impl', self.conv_impl)
 
   @property
   def code_size(self) -> int:
@@ -314,9 +316,11 @@ class ModelSpec:
     return self.nz if self.name == 'ganomaly' else 8 * self.ngf
 
   @classmethod
-  def from_settings(cls, settings: ModelSettings, conv_impl: str = 'auto') -> 'ModelSpec':
-    """The networks of a run's checked model settings (`config.specs(cfg).model`)."""
-    return cls(**dataclasses.asdict(settings), conv_impl=conv_impl)
+  def from_settings(cls, settings: ModelSettings, conv_impl: str | None = None) -> 'ModelSpec':
+    """The networks of a run's checked model settings (`config.specs(cfg).model`); a
+    given `conv_impl` overrides theirs (config.model.conv_impl; same parameters)."""
+    fields = dataclasses.asdict(settings)
+    return cls(**{**fields, 'conv_impl': conv_impl or fields['conv_impl']})
 
   @classmethod
   def from_config(cls, config) -> 'ModelSpec':

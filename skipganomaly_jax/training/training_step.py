@@ -62,8 +62,9 @@ class StepSpec:
   dtype: str = 'float32'
 
   @classmethod
-  def from_specs(cls, specs: RunSpecs, conv_impl: str = 'auto') -> 'StepSpec':
-    """The step of a run's checked specs (`config.specs(cfg)`)."""
+  def from_specs(cls, specs: RunSpecs, conv_impl: str | None = None) -> 'StepSpec':
+    """The step of a run's checked specs (`config.specs(cfg)`); `conv_impl`, if given,
+    overrides config.model.conv_impl."""
     model = ModelSpec.from_settings(specs.model, conv_impl)
     return cls(model, specs.loss, specs.optim, specs.train.dtype)
 
@@ -267,15 +268,34 @@ def train_step(
   return g_state, d_state, metrics
 
 
-def make_parallel_train_step(spec: StepSpec, mesh: Mesh):
+@jax.jit
+def stack_metrics(metrics: list[dict]) -> dict:
+  """{name: (n,) array} of n steps' scalar metrics, in one dispatch: the host then
+  fetches one array per name rather than n scalars (compiled once per n)."""
+  return jax.tree.map(lambda *values: jnp.stack(values), *metrics)
+
+
+def make_parallel_train_step(spec: StepSpec, mesh: Mesh, fold_in_step: bool = False):
   """`train_step` mapped over the mesh with shard_map, jitted, state buffers donated.
+
+  Args:
+    spec: the run's step spec.
+    mesh: the 1-D data-parallel mesh.
+    fold_in_step: the rng argument is the run's key, and each step uses
+      `jax.random.fold_in(rng, g_state.step)`, computed inside the jitted step (the same
+      key as folding in the host's step count, without a dispatch of its own per step).
 
   Returns:
     step(g_state, d_state, batch, rng) -> (g_state, d_state, metrics), where the states
     and rng are replicated and `batch` is a global array sharded over the batch axis
     (see `mesh.shard_batch`).
   """
-  per_device = functools.partial(train_step, spec=spec, axis_name=AXIS)
+
+  def per_device(g_state, d_state, batch, rng):
+    if fold_in_step:
+      rng = jax.random.fold_in(rng, g_state.step)
+    return train_step(g_state, d_state, batch, rng, spec=spec, axis_name=AXIS)
+
   mapped = jax.shard_map(
     per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS), P()), out_specs=(P(), P(), P())
   )

@@ -28,6 +28,7 @@ import time
 
 import jax
 import numpy as np
+from provenance import provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -148,6 +149,7 @@ def main() -> None:
     'backend': jax.default_backend(),
     'nc': args.nc,
     'batch': args.batch,
+    **provenance(),
     'wall_ms_per_step': wall_ms,
     'ops_ms_per_step': total,
     'by_layer': dict(by_source.most_common()),

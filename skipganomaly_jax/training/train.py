@@ -53,7 +53,7 @@ class TrainingContext:
   mesh: object
   step_spec: training_step.StepSpec
   splits: input_pipeline.DataSplits
-  train_iter: input_pipeline.TrainIterator  # Or its DeviceTrainIterator subclass.
+  train_iter: input_pipeline.TrainIterator  # DeviceTrainIterator, or a PrefetchIterator.
   steps_per_epoch: int
   step_fn: object
   scorer: evaluation.DatasetScorer
@@ -84,7 +84,7 @@ def setup(config, workdir: str) -> TrainingContext:
     splits=splits,
     train_iter=train_iter,
     steps_per_epoch=steps,
-    step_fn=training_step.make_parallel_train_step(step_spec, mesh),
+    step_fn=training_step.make_parallel_train_step(step_spec, mesh, fold_in_step=True),
     scorer=evaluation.make_scorer(step_spec.model, specs.score, mesh),
     checkpointer=checkpointing.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep_latest=run.keep_checkpoints
@@ -115,7 +115,9 @@ def build_knn_bank(ctx: TrainingContext, variables, stop=None):
   """`evaluation.knn_bank` of the training normals, replicated on the mesh.
 
   Built at every evaluation whatever the score kind (every evaluation reports both
-  scores); stored with the checkpoint only for score_kind='latent_knn'.
+  scores: 'latent_knn_auroc' is in every history entry, which benchmarks/quality.py
+  reads); stored with the checkpoint only for score_kind='latent_knn'. Computed on the
+  devices and left there (replicate is then a no-op).
 
   Raises:
     evaluation.Interrupted: `stop()` returned True between batches.
@@ -132,16 +134,18 @@ def check_and_log(ctx: TrainingContext, pending: list, pbar, tick: float) -> Non
   """
   if not pending:
     return
-  steps, host = [s for s, _ in pending], jax.device_get([m for _, m in pending])
+  steps = [s for s, _ in pending]
+  # {name: one value per step}: a transfer per name, not per step and name.
+  host = jax.device_get(training_step.stack_metrics([m for _, m in pending]))
   seconds = time.perf_counter() - tick
-  for step, m in zip(steps, host, strict=True):
-    bad = {k: float(v) for k, v in m.items() if not np.isfinite(v)}
+  for i, step in enumerate(steps):
+    bad = {k: float(v[i]) for k, v in host.items() if not np.isfinite(v[i])}
     if bad:
       raise DivergenceError(
         f'Training diverged at step {step}: non-finite {bad}. The last checkpoint in '
         f'{ctx.checkpointer.directory} is intact; try a lower --config.optim.lr.'
       )
-  means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+  means = {k: float(np.mean(v)) for k, v in host.items()}
   means['images_per_second'] = len(pending) * ctx.specs.train.batch_size / max(seconds, 1e-9)
   ctx.writer.write_scalars(steps[-1], means, prefix='train/')
   if pbar is not None:
@@ -174,10 +178,11 @@ def train_epoch(ctx: TrainingContext, g, d, step: int, stop: PreemptionFlag):
       batch = next(ctx.train_iter)
       if isinstance(batch, np.ndarray):  # Host batches: this process's rows.
         batch = shard_batch(batch, ctx.mesh)
-      g, d, m = ctx.step_fn(g, d, batch, jax.random.fold_in(key, step))
+      # The step folds its count into the key on the device: no dispatch here for it.
+      g, d, m = ctx.step_fn(g, d, batch, key)
       stop.arm()  # After the first step's compilation (see preemption.py).
-      if pending:
-        jax.block_until_ready(pending[-1][1])
+      if pending:  # One output: all of a step's outputs are ready together.
+        jax.block_until_ready(pending[-1][1]['g_loss'])
       step += 1
       pending.append((step, m))
       pbar.update(1)
@@ -232,7 +237,7 @@ def save(ctx: TrainingContext, g, d, step: int, history, evaluated=None) -> None
   knn_bank, calibration, val_score = evaluated or (None, None, None)
   scale = None
   if evaluated is not None:
-    variables = jax.device_get(scoring_variables(g, d))  # Replicated: local copies.
+    variables = scoring_variables(g, d)  # Left on the devices: map_scale uses local copies.
     scale = localisation.map_scale(variables, ctx.splits.val, ctx.specs.localisation)
   meta = {
     'config': json.loads(ctx.config.to_json()),
@@ -321,9 +326,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       test_scores = ctx.scorer(variables, ctx.splits.test)['score']
       kind = ctx.specs.score.kind
       if kind in localisation.MAP_SCORE_KINDS:
-        host = jax.device_get(scoring_variables(g, d))
-        test_scores = localisation.evaluate(
-          host, ctx.splits, kind, ctx.specs.localisation
+        test_scores = localisation.evaluate(  # On a local copy of the networks.
+          scoring_variables(g, d), ctx.splits, kind, ctx.specs.localisation
         ).test_scores
     # Read in every process: Orbax synchronises the processes before a read.
     stored_scale = ctx.checkpointer.restore_meta(None).get('map_scale') if history else None
@@ -351,4 +355,5 @@ def train_and_evaluate(config, workdir: str) -> dict:
     stop.restore()
     ctx.checkpointer.close()
     ctx.writer.close()
+    ctx.train_iter.close()  # Stops the host batches' prefetch thread, if any.
   return history[-1] if history else {}

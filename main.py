@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from skipganomaly_jax import config as config_lib
-from skipganomaly_jax.deploy import export, trained_run
+from skipganomaly_jax.deploy import export, run_modes, trained_run
 from skipganomaly_jax.reporting import log_setup, outputs
 from skipganomaly_jax.training import train
 
@@ -135,7 +135,7 @@ def _check_flags() -> dict:
     requested = _requested_config()
     if not requested:
       return {}
-    return trained_run.command_line_config(FLAGS.mode, FLAGS.workdir, FLAGS.checkpoint, requested)
+    return run_modes.command_line_config(FLAGS.mode, FLAGS.workdir, FLAGS.checkpoint, requested)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
 
@@ -176,7 +176,7 @@ def main(argv):
         f'{workdir}/: {", ".join(written)}'
       )
   elif FLAGS.mode == 'eval':
-    report = trained_run.evaluate_checkpoint(workdir, FLAGS.checkpoint, data)
+    report = run_modes.evaluate_checkpoint(workdir, FLAGS.checkpoint, data)
     kept = outputs.listing(workdir, outputs.TRAINING_OUTPUTS)
     print(
       f'{outputs.summary(report)} of the {FLAGS.checkpoint} checkpoint (step '
@@ -190,7 +190,7 @@ def main(argv):
   else:
     if not FLAGS.images:
       raise app.UsageError('--mode=score needs --images=PATH (a file or a folder).')
-    csv_path = trained_run.score_path(workdir, FLAGS.images, FLAGS.maps, FLAGS.checkpoint)
+    csv_path = run_modes.score_path(workdir, FLAGS.images, FLAGS.maps, FLAGS.checkpoint)
     with open(csv_path) as f:
       count = len(f.read().splitlines()) - 1
     kind = trained_run.stored_config(workdir, FLAGS.checkpoint)[0].score_kind

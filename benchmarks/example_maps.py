@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from configs import textures as textures_config  # noqa: E402
 from skipganomaly_jax.data import input_pipeline, mvtec, textures  # noqa: E402
-from skipganomaly_jax.deploy import trained_run  # noqa: E402
+from skipganomaly_jax.deploy import run_modes, trained_run  # noqa: E402
 from skipganomaly_jax.training import train  # noqa: E402
 
 OUT = ROOT / 'docs' / 'images'
@@ -53,7 +53,7 @@ def main() -> None:
   maps = pathlib.Path(args.workdir) / 'anomaly_maps'
   shutil.rmtree(maps, ignore_errors=True)
   os.chdir(ROOT)  # The PNGs' 'source' metadata: the path relative to the repository.
-  trained_run.score_path(args.workdir, os.path.relpath(source, ROOT), write_maps=True)
+  run_modes.score_path(args.workdir, os.path.relpath(source, ROOT), write_maps=True)
   OUT.mkdir(parents=True, exist_ok=True)
   for suffix, name in (('_map.png', 'map_example.png'), ('_overlay.png', 'overlay_example.png')):
     (written,) = maps.glob(f'*{suffix}')

@@ -29,7 +29,6 @@ from skipganomaly_jax import score_fn
 from skipganomaly_jax.data import input_pipeline
 from skipganomaly_jax.deploy import detector as detector_lib
 from skipganomaly_jax.deploy import export
-from skipganomaly_jax.training import checkpointing
 
 RTOL = 1e-4
 BATCHES = (1, 7, 300)
@@ -226,20 +225,6 @@ def test_wrong_images_are_rejected(runs):
 def test_unknown_format_is_an_error(runs):
   with pytest.raises(detector_lib.ExportError, match='format must be one of'):
     export.export_run(runs['paper'], 'tflite')
-
-
-@pytest.mark.parametrize('kind', ['map_max', 'map_topk'])
-def test_a_map_score_run_is_refused_at_export(runs, tmp_path, kind):
-  """The exported scorer computes network scores only: a run scored from its maps says so
-  instead of exporting the paper score beside the map score's threshold."""
-  workdir = tmp_path / 'map_run'
-  shutil.copytree(runs['paper'], workdir)
-  with checkpointing.Checkpointer(workdir / 'checkpoints') as ckpt:
-    step = ckpt.latest_step()
-    stored = ckpt.restore_meta(step)['config']
-    ckpt.update_meta(step, {'config': {**stored, 'score_kind': kind}})
-  with pytest.raises(detector_lib.ExportError, match=f"scores images by '{kind}'.*--mode=score"):
-    export.export_run(str(workdir))
 
 
 @needs_onnx

@@ -19,7 +19,7 @@ from PIL import Image
 from test_reference_parity import FIXTURE, FORWARD_RTOL, SPEC
 
 import skipganomaly_jax
-from skipganomaly_jax.deploy import import_reference, trained_run
+from skipganomaly_jax.deploy import import_reference, run_modes
 from skipganomaly_jax.nets import torch_weights
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.scoring import scores
@@ -133,7 +133,7 @@ def test_pth_import_calibrates_and_scores(ref, tmp_path):
   for i, x in enumerate(ref['x0'][:3]):
     pixels = np.round((x.transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)
     Image.fromarray(pixels).save(images / f'{i}.png')
-  with open(trained_run.score_path(str(workdir), str(images))) as f:
+  with open(run_modes.score_path(str(workdir), str(images))) as f:
     rows = f.read().splitlines()
   assert rows[0] == 'path,score,normalised_score,anomalous,score_kind' and len(rows) == 4
 

@@ -29,7 +29,7 @@ from skipganomaly_jax import config as config_lib
 from skipganomaly_jax import score_fn
 from skipganomaly_jax.data import images as images_lib
 from skipganomaly_jax.data import input_pipeline, mvtec, textures
-from skipganomaly_jax.deploy import export, trained_run
+from skipganomaly_jax.deploy import export, run_modes, trained_run
 from skipganomaly_jax.reporting import outputs, overlays, plots
 from skipganomaly_jax.scoring import localisation
 
@@ -174,7 +174,7 @@ def test_pictures_show_one_map_scores_and_decisions(texture_run, monkeypatch):
   folder.mkdir()
   for j, i in enumerate(idx):  # Named in column order.
     shutil.copy(splits.test_paths[i], folder / f'{j:03d}_{kinds[i]}.png')
-  trained_run.score_path(str(workdir), str(folder), write_maps=True)
+  run_modes.score_path(str(workdir), str(folder), write_maps=True)
   pngs = sorted((workdir / 'anomaly_maps').glob('*_map.png'))
   assert len(pngs) == len(idx) == len(list((workdir / 'anomaly_maps').glob('*_overlay.png')))
   greys = np.stack([np.asarray(Image.open(p)) for p in pngs]).astype(np.float64)
@@ -198,7 +198,7 @@ def test_score_maps_metadata_unit_and_batch_independence(texture_run, tmp_path):
     for j in picked:  # Unique names: defect folders reuse file names.
       shutil.copy(bad[j], folder / f'{j}_{os.path.basename(bad[j])}')
     shutil.rmtree(workdir / 'anomaly_maps', ignore_errors=True)
-    trained_run.score_path(str(workdir), str(folder), write_maps=True)
+    run_modes.score_path(str(workdir), str(folder), write_maps=True)
     out[name] = {}
     for path in sorted((workdir / 'anomaly_maps').iterdir()):
       with Image.open(path) as im:

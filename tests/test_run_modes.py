@@ -23,7 +23,7 @@ from PIL import Image
 from skipganomaly_jax import config as config_lib
 from skipganomaly_jax import score_details
 from skipganomaly_jax.data import input_pipeline
-from skipganomaly_jax.deploy import trained_run
+from skipganomaly_jax.deploy import run_modes, trained_run
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.scoring import metrics
 from skipganomaly_jax.training import checkpointing, train
@@ -109,7 +109,7 @@ def test_best_is_the_lowest_mean_validation_paper_score(run, tmp_path):
 
 def test_eval_appends_its_report_with_the_runs_score(run):
   workdir, _, trained = run
-  report = trained_run.evaluate_checkpoint(str(workdir))
+  report = run_modes.evaluate_checkpoint(str(workdir))
   history = json.loads((workdir / 'metrics.json').read_text())['history']
   assert len(history) == 2 and history[0] == json.loads(json.dumps(trained))
   assert history[1]['checkpoint'] == 'latest' and history[1]['step'] == 2
@@ -127,7 +127,7 @@ def test_score_mode_scores_with_the_runs_lambda(run, tmp_path):
   pick = np.r_[0:4, len(splits.test) - 4 : len(splits.test)]  # 4 normal, 4 abnormal.
   for i in pick:
     Image.fromarray(splits.test[i, ..., 0]).save(tmp_path / f'{i:04d}.png')
-  csv_path = trained_run.score_path(str(workdir), str(tmp_path))
+  csv_path = run_modes.score_path(str(workdir), str(tmp_path))
   rows = [line.split(',') for line in open(csv_path).read().splitlines()[1:]]
   scores = np.array([float(r[1]) for r in rows])
   params, _, calibration = trained_run.load(str(workdir))

@@ -3,11 +3,13 @@
     python main.py --workdir=runs/demo --mode=export [--format=stablehlo|onnx]
 
 writes `runs/demo/export/` with `scorer.stablehlo` (the default) or `scorer.onnx`, and
-`detector.json`: the input contract, the score kind, the calibration and threshold, the
-producing versions, and each model file's size and sha256. The model file holds the
-scorer with its weights (and, for the latent k-NN score, the bank of training codes)
-baked in as constants; it maps a batch of images to anomaly scores and needs neither
-this package nor its checkpoint: see detector.py (a loader that checks every file),
+`detector.json`: the input contract, the score (kind, lambda, dtype, map settings), the
+calibration and threshold, the producing versions, and each model file's size and
+sha256. The model file computes the run's own score (`skipganomaly_jax.load`'s
+`score_fn`, map scores included: the map's units are constants once evaluated) with its
+weights (and, for the latent k-NN score, the bank of training codes) baked in as
+constants; it maps a batch of images to anomaly scores and needs neither this package
+nor its checkpoint: see detector.py (a loader that checks every file),
 examples/load_exported.py (jax and numpy only) and the README's Deploy section.
 
 The input contract is uint8 NHWC in [0, 255] with any batch size; the model scales to
@@ -46,7 +48,8 @@ from skipganomaly_jax.deploy.detector import (
   ExportError,
 )
 from skipganomaly_jax.nets.models import ModelSpec
-from skipganomaly_jax.scoring.scores import check_knn_bank, score_terms
+from skipganomaly_jax.scoring import run_score
+from skipganomaly_jax.scoring.scores import check_params, run_options, score_terms
 
 STABLEHLO_PLATFORMS = ('cpu', 'cuda')
 ONNX_OPSET = 23
@@ -61,24 +64,25 @@ def _version(dist: str) -> str:
     return 'unknown'
 
 
-def scorer(params, lam: float, conv_impl: str = 'auto'):
+def scorer(params, conv_impl: str = 'auto'):
   """A pure function: uint8 images (N, isize, isize, nc) -> float32 scores (N,).
 
   Args:
-    params: `score_fn`'s params (as `skipganomaly_jax.load` returns them); captured as
-      constants, so an exported function carries them.
-    lam: weight of the reconstruction term of the paper score.
+    params: `score_fn`'s params (as `skipganomaly_jax.load` returns them, with the run's
+      'run_score': its kind, lambda, dtype and map settings); captured as constants, so
+      an exported function carries them.
     conv_impl: how convolutions compute ('auto', 'lax' or 'fast'; see layers.py).
 
   Returns:
-    The scoring function; equal to `score_fn(params, images, lam=lam)` on uint8 images.
+    The scoring function; equal to `score_fn(params, images)` on uint8 images.
   """
-  spec = dataclasses.replace(ModelSpec.from_variables(params), conv_impl=conv_impl)
-  check_knn_bank(params, spec)
+  spec = dataclasses.replace(check_params(params), conv_impl=conv_impl)
+  lam, dtype = run_options(params)
   constants = jax.tree.map(jnp.asarray, params)
 
   def scores(images):
-    return score_terms(constants, to_float(images), lam, spec)['score']
+    out = score_terms(constants, to_float(images), lam, spec, dtype=dtype)['score']
+    return out.astype(jnp.float32)  # The contract's dtype, whatever the compute dtype.
 
   return scores
 
@@ -116,7 +120,7 @@ def _input_aval(spec: ModelSpec, batch):
   return jax.ShapeDtypeStruct((batch, spec.isize, spec.isize, spec.nc), jnp.uint8)
 
 
-def stablehlo_export(params, lam: float, platforms=STABLEHLO_PLATFORMS):
+def stablehlo_export(params, platforms=STABLEHLO_PLATFORMS):
   """The scorer as a `jax.export.Exported`, symbolic batch size 'b'."""
   (batch,) = jax.export.symbolic_shape('b')
   aval = _input_aval(ModelSpec.from_variables(params), batch)
@@ -124,8 +128,8 @@ def stablehlo_export(params, lam: float, platforms=STABLEHLO_PLATFORMS):
   # The fast CPU kernels are chosen by the backend at trace time; off a CPU host 'auto'
   # would pick lax for the CPU branch, so force the fast forms there.
   cpu_impl = 'auto' if jax.default_backend() == 'cpu' else 'fast'
-  cpu = live_only(scorer(params, lam, cpu_impl), aval)
-  other = live_only(scorer(params, lam, 'lax'), aval)
+  cpu = live_only(scorer(params, cpu_impl), aval)
+  other = live_only(scorer(params, 'lax'), aval)
   if 'cpu' not in platforms:
     fn = other
   elif tuple(platforms) == ('cpu',):
@@ -149,7 +153,7 @@ def _jax2onnx():
   return jax2onnx
 
 
-def onnx_bytes(params, lam: float) -> bytes:
+def onnx_bytes(params) -> bytes:
   """The scorer as an ONNX model (plain lax convolutions), dynamic batch 'B'."""
   jax2onnx = _jax2onnx()
   (batch,) = jax.export.symbolic_shape('B')
@@ -162,7 +166,7 @@ def onnx_bytes(params, lam: float) -> bytes:
     logger.setLevel(logging.ERROR)
   try:
     model = jax2onnx.to_onnx(
-      live_only(scorer(params, lam, 'lax'), aval),
+      live_only(scorer(params, 'lax'), aval),
       [aval],
       model_name='skipganomaly_scorer',
       opset=ONNX_OPSET,
@@ -209,17 +213,22 @@ def _params_digest(params) -> str:
   return digest.hexdigest()
 
 
-def detector_metadata(params, lam: float, calibration, which) -> dict:
+def detector_metadata(params, calibration, which) -> dict:
   """detector.json without its 'models' entries (see the module doc).
 
   Args:
-    params: the exported `score_fn` variables (host copies).
-    lam: the run's score_lambda, which the exported paper score uses.
+    params: the exported `score_fn` variables (host copies) with the run's 'run_score'.
     calibration: the run's `metrics.Calibration`.
     which: the checkpoint exported ('latest', 'best' or a step).
   """
   spec = ModelSpec.from_variables(params)
-  score_kind = 'latent_knn' if 'knn_bank' in params else 'paper'
+  run = run_score.of(params)
+  if run is None:
+    raise ExportError(
+      "detector.json names the exported score: params need the run's 'run_score' "
+      '(skipganomaly_jax.load(workdir) or trained_run.run_params(model)).'
+    )
+  lam = run.lam
   return {
     'detector_version': DETECTOR_VERSION,
     'input': {
@@ -242,9 +251,10 @@ def detector_metadata(params, lam: float, calibration, which) -> dict:
       'dtype': 'float32',
       'meaning': 'anomaly score, higher = more anomalous',
     },
-    'score_kind': score_kind,
+    'score_kind': run.kind,  # The exported score: config.score_kind of the run.
     # GANomaly's own score has no lambda.
     'score_lambda': float(lam) if spec.name == 'skipganomaly' else None,
+    'score': run.describe(),
     'threshold': float(calibration.threshold),
     'decision': 'anomalous = score > threshold',
     'calibration': calibration.to_dict(),
@@ -296,22 +306,13 @@ def export_run(workdir: str, fmt: str = 'stablehlo', which='latest') -> str:
 
   Raises:
     ExportError: an unknown format, a run without calibration, jax2onnx missing.
-    checkpointing.CheckpointError: no or a corrupt checkpoint.
+    checkpointing.CheckpointError: no or a corrupt checkpoint; a 'rec+d' map-score
+      checkpoint saved before its map scale was stored (says how to store it).
   """
   if fmt not in FORMATS:
     raise ExportError(f'format must be one of {FORMATS}; got {fmt!r}.')
   model = trained_run.restore(workdir, which)
-  params, calibration, lam = model.params, model.calibration, float(model.specs.score.lam)
-  kind = model.specs.score.kind
-  if kind not in ('paper', 'latent_knn'):
-    # The exported scorer computes the network scores only: exporting it with this run's
-    # threshold would pair the paper score with a threshold fitted on map scores.
-    raise ExportError(
-      f'the run in {workdir} scores images by {kind!r} (from the smoothed anomaly map), '
-      "which the exported scorer does not compute (it exports 'paper' or 'latent_knn'). "
-      f'Score this run with --mode=score, or export a run trained with '
-      "--config.score_kind=paper or latent_knn."
-    )
+  calibration = model.calibration
   if calibration is None:
     raise ExportError(
       f'the checkpoint in {workdir} has no calibration, so no threshold: it was imported '
@@ -319,10 +320,11 @@ def export_run(workdir: str, fmt: str = 'stablehlo', which='latest') -> str:
       'skipganomaly_jax.import_reference --nocalibrate, or the data was missing). Rerun '
       'the import with the dataset in place, then export.'
     )
-  params = jax.device_get(params)
-  meta = detector_metadata(params, lam, calibration, which)
-  exported = stablehlo_export(params, lam) if fmt == 'stablehlo' else None
-  data = bytes(exported.serialize()) if exported else onnx_bytes(params, lam)
+  # The run's own score, map scores included ('rec+d': its units stored at evaluation).
+  params = jax.device_get(trained_run.run_params(model))
+  meta = detector_metadata(params, calibration, which)
+  exported = stablehlo_export(params) if fmt == 'stablehlo' else None
+  data = bytes(exported.serialize()) if exported else onnx_bytes(params)
   directory = os.path.join(workdir, 'export')
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, DETECTOR_JSON)
@@ -332,7 +334,7 @@ def export_run(workdir: str, fmt: str = 'stablehlo', which='latest') -> str:
         old = json.load(f)
     except (OSError, ValueError):
       old = {}
-    same = all(old.get(k) == meta[k] for k in ('source', 'calibration', 'score_lambda'))
+    same = all(old.get(k) == meta[k] for k in ('source', 'calibration', 'score_lambda', 'score'))
     for other, entry in old.get('models', {}).items():
       if same and other != fmt:
         meta['models'][other] = entry

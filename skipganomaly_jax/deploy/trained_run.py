@@ -1,30 +1,30 @@
-"""Loading a trained run, and the `eval` / `score` modes of main.py.
+"""Loading a trained run (main.py's eval and score modes on it: run_modes.py).
 
 params, config, calibration = skipganomaly_jax.load('runs/demo')
-scores = skipganomaly_jax.score_fn(params, images)
+flags = calibration.is_anomalous(skipganomaly_jax.score_fn(params, images))
 
 Everything is read from the run's checkpoint: the networks, the k-NN bank, the
-calibration and the run's config, checked and turned into its specs, whose score_lambda,
-dtype, eval_batch_size and eval_protocol the `eval` and `score` modes use (`restore`).
+calibration, the maps' scale and the run's config, checked and turned into its specs
+(`restore`). `load`'s params carry the run's `RunScore` (its score kind, lambda, dtype,
+map settings and units: `run_params`), so that `score_fn`, `--mode=score` and the
+exported detector all compute the score the run was evaluated and calibrated with.
 Only checkpoints whose bank and calibration belong to their networks are used: a
 checkpoint saved on preemption (networks and data position only) is skipped by 'latest'
 and refused by step number.
 """
 
 import dataclasses
-import json
 import os
 
 import jax
 import ml_collections
-import numpy as np
 
 from skipganomaly_jax import config as config_lib
-from skipganomaly_jax.data import input_pipeline
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.parallel import make_mesh
-from skipganomaly_jax.reporting import outputs, overlays
 from skipganomaly_jax.scoring import evaluation, localisation, metrics
+from skipganomaly_jax.scoring.run_score import KEY as RUN_SCORE
+from skipganomaly_jax.scoring.run_score import RunScore
 from skipganomaly_jax.training import checkpointing
 
 
@@ -34,7 +34,7 @@ class TrainedModel:
 
   Attributes:
     params: the `score_fn` variables (with 'knn_bank' for the latent k-NN score), on
-      this process's first device.
+      this process's first device; bare (no 'run_score': `run_params` adds it).
     config: the run's ConfigDict (fields under their current names, all present).
     specs: its checked specs (what the lower layers take).
     calibration: the calibration fitted on the validation normals for these networks.
@@ -167,8 +167,16 @@ def restore(workdir: str, which='latest') -> TrainedModel:
   with checkpointing.Checkpointer(directory) as ckpt:
     step = _select(ckpt, which)
     config, path = config_lib.from_stored(ckpt.restore_meta(step)['config']), ckpt.step_path(step)
+
     # The stored tree as the target: no optimiser or TrainState class is needed to read it.
-    state, meta = ckpt.restore(step, _local(ckpt.abstract_state(step)))
+    # Only what scoring uses is read: the Adam moments (2x the weights) and step stay UNREAD.
+    def scoring_part(path, leaf):  # state['knn_bank'], state[net]['params' | 'batch_stats'].
+      names = [getattr(k, 'key', None) for k in path[:2]]
+      used = names[0] == 'knn_bank' or names[1:] in (['params'], ['batch_stats'])
+      return leaf if used else checkpointing.UNREAD
+
+    target = jax.tree_util.tree_map_with_path(scoring_part, _local(ckpt.abstract_state(step)))
+    state, meta = ckpt.restore(step, target)
   params = {'generator': _variables(state['g']), 'discriminator': _variables(state['d'])}
   if 'knn_bank' in state:
     params['knn_bank'] = state['knn_bank']
@@ -188,8 +196,29 @@ def restore(workdir: str, which='latest') -> TrainedModel:
   )
 
 
+def run_score(model: TrainedModel) -> RunScore:
+  """The `RunScore` of a restored checkpoint: its config's score kind, lambda, dtype and
+  map settings, and for the 'rec+d' map the units stored with the checkpoint.
+
+  Raises:
+    checkpointing.CheckpointError: a 'rec+d' map-score checkpoint saved before its map
+      scale was stored (the message says how to store it).
+  """
+  specs = model.specs
+  settings = specs.localisation
+  needs_units = specs.score.kind in localisation.MAP_SCORE_KINDS and settings.map == 'rec+d'
+  terms = map_scale(model).terms if needs_units else None
+  return RunScore.from_specs(specs.model, specs.score, settings, terms)
+
+
+def run_params(model: TrainedModel) -> dict:
+  """`model.params` with the run's `RunScore` under 'run_score': what `score_fn` needs
+  to compute the run's own score (see `run_score`)."""
+  return {**model.params, RUN_SCORE: run_score(model)}
+
+
 def load(workdir: str, which='latest'):
-  """Loads a trained model for scoring.
+  """Loads a trained run for scoring: `score_fn(params, images)` is the run's own score.
 
   Args:
     workdir: the run's workdir (the one given to main.py).
@@ -197,48 +226,22 @@ def load(workdir: str, which='latest'):
       its lowest mean over the validation normals) or a step number.
 
   Returns:
-    (params, config, calibration): the `score_fn` variables of both networks (with the
-    'knn_bank' of training codes when the run used the latent k-NN score), the run's
-    ConfigDict and its `metrics.Calibration`, all of the same checkpoint. Score with
-    `score_fn(params, x, lam=config.score_lambda)` to match the run's paper score.
+    (params, config, calibration), all of the same checkpoint: the `score_fn` variables
+    of both networks (with the 'knn_bank' of training codes when the run used the
+    latent k-NN score) and, under 'run_score', the run's `RunScore`: its score kind
+    (map kinds included), lambda, compute dtype, map settings and map units. So
+    `score_fn(params, images)` computes the score the run was evaluated with and
+    `calibration.is_anomalous(score_fn(params, images))` is its decision, for every
+    score kind; `score_details` gives all its scores. Then the run's ConfigDict and its
+    `metrics.Calibration` (None only for weights imported without their dataset).
 
   Raises:
     checkpointing.CheckpointError: no evaluated checkpoint, or a corrupt one (names the
-      path).
+      path); a 'rec+d' map-score checkpoint saved before its map scale was stored (says
+      how to store it).
   """
   model = restore(workdir, which)
-  return model.params, model.config, model.calibration
-
-
-def _previous_history(workdir: str, stored: list) -> list:
-  """metrics.json's history if readable (it has later evaluations), else the stored one."""
-  path = os.path.join(workdir, 'metrics.json')
-  try:
-    with open(path) as f:
-      history = json.load(f)['history']
-    if isinstance(history, list):
-      return history
-  except (OSError, ValueError, KeyError, TypeError):
-    pass
-  return list(stored)
-
-
-# The config fields that each mode takes from the command line instead of the run's
-# stored config: for eval, where the run's data lives (a moved copy of the same data).
-# Nothing else: the networks, scores and calibration belong to the stored config.
-HONOURED_FIELDS = {
-  'eval': ('dataset.root', 'dataset.path', 'dataset.data_dir'),
-  'score': (),
-  'export': (),
-}
-_WHY_NOT = {
-  'eval': "only where the run's data lives can change",
-  'score': (
-    'nothing can change: it reads no dataset (the checkpoint holds the networks, the '
-    "calibration and the maps' scale it needs)"
-  ),
-  'export': 'nothing can change: the detector is exported from the checkpoint as trained',
-}
+  return run_params(model), model.config, model.calibration
 
 
 def stored_config(workdir: str, which='latest') -> tuple[ml_collections.ConfigDict, str]:
@@ -249,102 +252,6 @@ def stored_config(workdir: str, which='latest') -> tuple[ml_collections.ConfigDi
   with checkpointing.Checkpointer(directory) as ckpt:
     step = _select(ckpt, which)
     return config_lib.from_stored(ckpt.restore_meta(step)['config']), ckpt.step_path(step)
-
-
-def command_line_config(mode: str, workdir: str, which, requested: dict) -> dict:
-  """Checks the config values a command line sets in `mode` against the run's config.
-
-  eval, score and export use the run's stored config; a value from the command line that
-  differs from it is honoured where `mode` can take it (HONOURED_FIELDS) and refused
-  otherwise, never ignored.
-
-  Args:
-    mode: 'eval', 'score' or 'export'.
-    workdir: the run's workdir.
-    which: the checkpoint selector of the command line.
-    requested: {field: (value, how the command line set it)}, e.g. {'dataset.root':
-      ('/data/x', '--config.dataset.root=/data/x')}.
-
-  Returns:
-    {field: value}: the honoured values that differ from the stored ones.
-
-  Raises:
-    ValueError: a differing value `mode` cannot take; names each such flag, its value,
-      the run's value and what the mode uses instead.
-  """
-  config, path = stored_config(workdir, which)
-  stored = config_lib.values(config)
-  changed = {name: v for name, v in requested.items() if v[0] != stored[name]}
-  honoured = HONOURED_FIELDS[mode]
-  refused = [
-    f"{how} (the run's value: {stored[name]!r})"
-    for name, (_, how) in changed.items()
-    if name not in honoured
-  ]
-  if refused:
-    can = _WHY_NOT[mode]
-    if honoured:
-      can += ' (' + ', '.join(f'--config.{name}' for name in honoured) + ')'
-    raise ValueError(
-      f"--mode={mode} uses the run's stored config ({path}), not the command line's: "
-      f'refused {"; ".join(refused)}. In --mode={mode} {can}. Drop the refused flag(s); to '
-      'change them, train a new run.'
-    )
-  return {name: value for name, (value, _) in changed.items()}
-
-
-def evaluate_checkpoint(workdir: str, which='latest', data: dict | None = None) -> dict:
-  """Re-evaluates a checkpoint the run's way and adds the result to its outputs.
-
-  The report (with 'checkpoint' and 'step') is appended to metrics.json's history, which
-  keeps the training history; the ROC, histogram and reconstruction plots are redrawn.
-  A checkpoint saved without its maps' scale (older versions) gets it stored, so that
-  --mode=score can then read it instead of the data.
-
-  Args:
-    workdir: the run's workdir.
-    which: 'latest', 'best' or a step.
-    data: where the run's data lives now, if it moved: {'dataset.root': ...} (the fields
-      of HONOURED_FIELDS['eval']); None: where its stored config says.
-
-  Returns:
-    The new report.
-  """
-  model = restore(workdir, which)
-  specs = model.specs
-  if data:
-    moved = {name.split('.', 1)[1]: value for name, value in data.items()}
-    specs = dataclasses.replace(specs, data=dataclasses.replace(specs.data, **moved))
-  try:
-    splits = input_pipeline.load_splits(specs.data)
-  except FileNotFoundError as e:
-    flags = ', '.join(f'--config.{name}=...' for name in HONOURED_FIELDS['eval'])
-    raise FileNotFoundError(
-      f"--mode=eval reads the run's data where its stored config says (from "
-      f'{model.path}) unless told otherwise: {e} If the data moved, give its new place '
-      f'({flags}).'
-    ) from e
-  variables = model.params
-  if 'knn_bank' not in variables:  # A paper-score run: a bank to report latent k-NN too.
-    bank = evaluation.knn_bank(model.scorer, variables, splits.train, specs.score)
-    variables = {**variables, 'knn_bank': bank}
-  report, calibration, test_scores = evaluation.evaluate(
-    model.scorer, variables, splits, specs.score, specs.localisation, model.calibration
-  )
-  epoch = model.history[-1].get('epoch') if model.history else None
-  report = {**report, 'checkpoint': str(which), 'epoch': epoch, 'step': model.step}
-  history = _previous_history(workdir, model.history) + [report]
-  settings = specs.localisation
-  scale = model.map_scale
-  if scale is None:  # Saved by an older version: computed now, stored for --mode=score.
-    scale = localisation.map_scale(model.params, splits.val, settings)
-    with checkpointing.Checkpointer(os.path.dirname(model.path)) as ckpt:
-      ckpt.update_meta(model.step, {'map_scale': scale.to_dict()})
-  outputs.write_all(
-    workdir, splits, model.params, test_scores, history, calibration, specs.score, settings, scale
-  )
-  overlays.write_overlays(workdir, settings, model.params, splits, test_scores, calibration, scale)
-  return report
 
 
 def map_scale(model: TrainedModel) -> localisation.MapScale:
@@ -365,51 +272,3 @@ def map_scale(model: TrainedModel) -> localisation.MapScale:
       '(add --config.dataset.root=... if it moved), then score again.'
     )
   return model.map_scale
-
-
-def score_path(workdir: str, images_path: str, write_maps: bool = False, which='latest'):
-  """Scores image files (a file or a folder) the run's way, with its calibration.
-
-  The scores come from the run's own scorer (its score_lambda, dtype and evaluation
-  batch), so the 'anomalous' column uses the threshold fitted to that very score. Writes
-  `workdir/scores.csv` (path, score, normalised_score = score / threshold, anomalous,
-  score_kind) and, on request, anomaly-map PNGs under `workdir/anomaly_maps/`. Reads no
-  dataset: what the scores need beyond the networks and the calibration (the maps'
-  scale) is stored with the checkpoint.
-
-  Returns:
-    The CSV path.
-  """
-  model = restore(workdir, which)
-  if model.calibration is None:
-    raise checkpointing.CheckpointError(
-      f'the checkpoint in {workdir} has no calibration: its weights were imported without '
-      'their dataset. Re-import with the dataset available (python -m '
-      'skipganomaly_jax.import_reference ... --config=... with the data in place), or score '
-      'with skipganomaly_jax.score_fn and your own threshold.'
-    )
-  specs = model.specs
-  images, paths = input_pipeline.load_images(images_path, specs.model.isize, specs.model.nc)
-  local = None  # A map score: the run's smoothed maps and their image scores.
-  if specs.score.kind in localisation.MAP_SCORE_KINDS:
-    settings = specs.localisation
-    # 'rec+d' is in validation-normal units: stored with the checkpoint (no data read).
-    terms = map_scale(model).terms if settings.map == 'rec+d' else None
-    local = localisation.score_images(model.params, images, specs.score.kind, settings, terms)
-  scores = local['score'] if local else model.scorer(model.params, images)['score']
-  csv_path = os.path.join(workdir, outputs.SCORES_CSV)
-  outputs.write_scores_csv(csv_path, paths, scores, model.calibration, specs.score.kind)
-  if write_maps:  # The run's localisation maps, in units of the normal level.
-    settings, scale = specs.localisation, map_scale(model)
-    maps = localisation.display_maps(model.params, images, settings, scale)
-    outputs.write_anomaly_maps(
-      os.path.join(workdir, outputs.MAPS_FOLDER),
-      paths,
-      images,
-      maps,
-      settings,
-      scale,
-      np.asarray(scores),
-      model.calibration,
-    )
-  return csv_path

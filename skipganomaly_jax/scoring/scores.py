@@ -11,8 +11,8 @@ see docs/deviations.md):
   k = 5 nearest codes of training normals ("knn_bank", stored with the checkpoint):
   1 - mean of the 5 largest cosine similarities. Why: on real MNIST digits the paper's
   score ranks by how much ink an image has more than by what it shows (the U-Net's skips
-  let G copy anomalies too), and the same trained models rank better by latent k-NN;
-  the measurements, with a raw-pixel k-NN baseline, are in docs/results.md.
+  let G copy anomalies too), and the same trained models rank better by latent k-NN
+  (measured before BatchNorm parity, being rerun; docs/results.md).
 
 A GANomaly model (config.model.name = 'ganomaly') is scored the same ways, with its own
 paper score: 'paper' is GANomaly's, mean over its nz code of (latent_i - latent_o)^2,
@@ -21,12 +21,18 @@ test(); lam plays no part); 'latent_knn' compares encoder1's code (latent_i); 'r
 the anomaly map and 'lat' (D's features of x and G(x)) are computed as for Skip-GANomaly
 from its reconstruction and its D.
 
+A run scored by its anomaly map (score_kind 'map_max' / 'map_topk') is scored from
+localisation's smoothed map (scoring/localisation.py), in float32 as its evaluation does.
+
 `params` is one pytree, `{'generator': {'params', 'batch_stats'}, 'discriminator':
-{...}}` plus, for the latent k-NN score, `'knn_bank'`: (M, code) unit-norm codes. The
-structure `skipganomaly_jax.load` returns; the architecture is read from its shapes, and
-the score is 'latent_knn' exactly when `params` holds a 'knn_bank'. Scores are raw:
-calibration (min-max, threshold) comes from held-out normal images, never the test set
-(see metrics.Calibration).
+{...}}` plus, for the latent k-NN score, `'knn_bank'`: (M, code) unit-norm codes, and
+from `skipganomaly_jax.load`, `'run_score'`: the run's `run_score.RunScore` (its kind,
+lam, dtype, map settings and map units). The architecture is read from the shapes. The
+score is the run's map score when 'run_score' is a map kind, else latent k-NN exactly
+when `params` hold a 'knn_bank' (a latent k-NN run's do), else the paper score; lam and
+the dtype are the run's (0.9 and float32 without a 'run_score'; `lam=` overrides).
+Scores are raw: calibration (min-max, threshold) comes from held-out normal images,
+never the test set (see metrics.Calibration).
 
 Public: `score_fn`, `score_maps` and `score_details` (arrays in memory), with
 `scoring_variables` and `normalise_codes` to build `params`; `evaluation.DatasetScorer`
@@ -44,6 +50,7 @@ from skipganomaly_jax.config import DEFAULT_LAMBDA, KNN_K
 from skipganomaly_jax.data.batches import eval_batches
 from skipganomaly_jax.data.images import as_model_input
 from skipganomaly_jax.nets.models import ModelSpec
+from skipganomaly_jax.scoring import run_score as run_score_lib
 
 # DEFAULT_LAMBDA (lam of the paper score, 0.9 as in the paper) and KNN_K (the latent
 # k-NN score's neighbours, fixed a priori, never tuned) are defined in config/fields.py, beside
@@ -167,9 +174,10 @@ def score_terms(
     dtype: compute dtype.
 
   Returns:
-    dict with 'score' (latent k-NN when params hold a 'knn_bank', else the paper's),
-    'paper_score' (the model's own: see the module doc), 'rec', 'lat' (N,), 'code'
-    (N, spec.code_size), and the maps on request.
+    dict with 'score' (the run's map score for a map-kind 'run_score', else latent
+    k-NN when params hold a 'knn_bank', else the paper's), 'paper_score' (the model's
+    own: see the module doc), 'rec', 'lat' (N,), 'code' (N, spec.code_size), for a
+    map-kind 'run_score' 'map_max' and 'map_topk' (N,), and the maps on request.
   """
 
   def apply(model, variables, x, **kwargs):
@@ -189,6 +197,11 @@ def score_terms(
     paper = lam * rec + (1.0 - lam) * lat  # The paper score: its one definition.
   score = knn_distance(code, params['knn_bank']) if 'knn_bank' in params else paper
   out = {'score': score, 'paper_score': paper, 'rec': rec, 'lat': lat, 'code': code}
+  run = run_score_lib.of(params)
+  if run is not None and run.is_map:  # The run's score comes from its anomaly map.
+    float32_x_hat = x_hat if jnp.dtype(dtype) == jnp.float32 and not train else None
+    out.update(run_score_lib.map_scores(params, images, spec, run, float32_x_hat))
+    out['score'] = out[run.kind]
   if return_maps:
     out['reconstruction'] = x_hat
     out['anomaly_map'] = anomaly_map(images, x_hat)
@@ -217,20 +230,47 @@ def _check_static_flag(return_maps) -> None:
     )
 
 
-def _empty_result(params, spec: ModelSpec, lam, return_maps: bool) -> dict:
+def _empty_result(params, spec: ModelSpec, lam, return_maps: bool, dtype) -> dict:
   """What `score_terms` returns for zero images: arrays with 0 rows."""
   image = jax.ShapeDtypeStruct((1, spec.isize, spec.isize, spec.nc), jnp.float32)
   shapes = jax.eval_shape(
-    functools.partial(score_terms, spec=spec, return_maps=return_maps), params, image, lam
+    functools.partial(score_terms, spec=spec, return_maps=return_maps, dtype=dtype),
+    params,
+    image,
+    lam,
   )
   return {k: jnp.zeros((0, *v.shape[1:]), v.dtype) for k, v in shapes.items()}
+
+
+def run_options(params, lam=None):
+  """(lam, compute dtype) to score params with: the run's ('run_score'), else lam = 0.9 in
+  float32; an explicit `lam` overrides the run's."""
+  run = run_score_lib.of(params)
+  if lam is None:
+    lam = run.lam if run is not None else DEFAULT_LAMBDA
+  return lam, (run.compute_dtype if run is not None else jnp.dtype(jnp.float32))
+
+
+def check_params(params) -> ModelSpec:
+  """The architecture of params, after checking their 'knn_bank' and 'run_score'.
+
+  Raises:
+    ValueError: a bank of the wrong shape, or a 'run_score' of other networks.
+    TypeError: a 'run_score' that is not a `RunScore`.
+  """
+  spec = ModelSpec.from_variables(params)
+  check_knn_bank(params, spec)
+  run = run_score_lib.of(params)
+  if run is not None:
+    run_score_lib.check(run, spec)
+  return spec
 
 
 def score_details(
   params,
   images,
   *,
-  lam: float = DEFAULT_LAMBDA,
+  lam: float | None = None,
   return_maps: bool = False,
   value_range='auto',
   chunk: int = MAX_CHUNK,
@@ -238,9 +278,11 @@ def score_details(
   """Scores with their terms, and on request reconstructions and anomaly maps.
 
   Args:
-    params: {'generator': {...}, 'discriminator': {...}} variables (see module doc).
+    params: {'generator': {...}, 'discriminator': {...}} variables, with the 'knn_bank'
+      and 'run_score' of `skipganomaly_jax.load` if any (see module doc).
     images: (N, isize, isize, nc) NHWC, any N >= 0; see `score_fn` for the value range.
-    lam: weight of the reconstruction term of the paper score.
+    lam: weight of the reconstruction term of the paper score; None: the run's
+      (params['run_score'].lam), else 0.9.
     return_maps: also return 'reconstruction' (N, H, W, C) and 'anomaly_map' (N, H, W),
       the per-pixel squared error (x - G(x))^2 averaged over channels (`anomaly_map`).
       A Python bool.
@@ -250,33 +292,39 @@ def score_details(
       batch is scored in one piece.
 
   Returns:
-    dict of arrays: 'score' (latent k-NN with a 'knn_bank', else = 'paper_score'),
-    'paper_score', 'rec', 'lat' of shape (N,), 'code' (N, code), plus the maps on
-    request.
+    dict of arrays: 'score' (the run's score: see `score_fn`), 'paper_score', 'rec',
+    'lat' of shape (N,), 'code' (N, code), 'map_max' and 'map_topk' (N,) when the run's
+    score is a map score, plus the maps on request.
 
   Raises:
     ValueError: as `score_fn`.
   """
   _check_static_flag(return_maps)
-  spec = ModelSpec.from_variables(params)
-  check_knn_bank(params, spec)
+  spec = check_params(params)
+  lam, dtype = run_options(params, lam)
   x = as_model_input(images, spec.isize, spec.nc, value_range)
   n = x.shape[0]
   if n == 0:
-    return _empty_result(params, spec, lam, return_maps)
+    return _empty_result(params, spec, lam, return_maps, dtype)
   if isinstance(x, jax.core.Tracer):  # Inside the caller's jit: one program, no padding.
-    return score_terms(params, x, lam, spec, return_maps)
+    return score_terms(params, x, lam, spec, return_maps, dtype=dtype)
   parts = [
-    _score_batch(params, batch, lam, spec, return_maps)
+    _score_batch(params, batch, lam, spec, return_maps, dtype=dtype)
     for batch in eval_batches(x, _bucket(n, chunk))
   ]
   return jax.tree.map(lambda *a: jnp.concatenate(a)[:n], *parts)
 
 
 def score_fn(
-  params, images, *, lam: float = DEFAULT_LAMBDA, return_maps: bool = False, value_range='auto'
+  params, images, *, lam: float | None = None, return_maps: bool = False, value_range='auto'
 ):
-  """Anomaly scores of a batch of images (higher = more anomalous).
+  """Anomaly scores of a batch of images (higher = more anomalous): the run's own score.
+
+  With params from `skipganomaly_jax.load(workdir)` this is the score the run was
+  evaluated and calibrated with (params['run_score']: its kind, lam, dtype, map
+  settings and map units), so `calibration.is_anomalous(score_fn(params, images))` is
+  the run's decision for every score kind. With bare params (`scoring_variables`): the
+  paper score (lam = 0.9, float32), or latent k-NN when they hold a 'knn_bank'.
 
   Value range: the networks take float images in [-1, 1]. With value_range='auto'
   (default), uint8 images are read as [0, 255] and float images must already be in
@@ -286,19 +334,20 @@ def score_fn(
   images, value_range=(-1, 1) accepts [-1, 1] images that happen to be non-negative;
   any (low, high) is mapped linearly to [-1, 1].
 
-  Under jax.jit: the shape, dtype and 'knn_bank' checks hold (shapes are static); the
-  value checks (NaN/Inf, the range, the [0, 1] guard) need concrete values and are
-  skipped, so traced float images are taken to be in [-1, 1] (or in value_range).
-  `return_maps` must be static: jit `score_maps` for maps, or use
-  jax.jit(score_fn, static_argnames='return_maps').
+  Under jax.jit: the shape, dtype, 'knn_bank' and 'run_score' checks hold (shapes and
+  the RunScore are static); the value checks (NaN/Inf, the range, the [0, 1] guard)
+  need concrete values and are skipped, so traced float images are taken to be in
+  [-1, 1] (or in value_range). `return_maps` must be static: jit `score_maps` for maps,
+  or use jax.jit(score_fn, static_argnames='return_maps').
 
   Args:
-    params: {'generator': {'params', 'batch_stats'}, 'discriminator': {...}} and, for
-      the latent k-NN score, 'knn_bank'; as returned by `skipganomaly_jax.load(workdir)`
-      or `scoring_variables`.
+    params: {'generator': {'params', 'batch_stats'}, 'discriminator': {...}}, with the
+      'knn_bank' of a latent k-NN run and the 'run_score' of a loaded run; as returned
+      by `skipganomaly_jax.load(workdir)` or `scoring_variables`.
     images: (N, isize, isize, nc) NHWC, uint8 or float (see above); any N >= 0 (an
       empty batch gives empty results).
-    lam: weight of the reconstruction term of the paper score (0.9 as in the paper).
+    lam: weight of the reconstruction term of the paper score; None (default): the
+      run's score_lambda, 0.9 (the paper's) for bare params. A value overrides the run's.
     return_maps: if True, also return per-pixel anomaly maps (N, isize, isize): the
       squared error (x - G(x))^2 averaged over channels (see `score_maps`).
     value_range: 'auto' or the (low, high) range of the images' values (see above).
@@ -309,20 +358,22 @@ def score_fn(
   Raises:
     ValueError: images of the wrong rank, size, channel count (a channel-first batch is
       named as such) or dtype, non-finite, outside their range, or all-non-negative
-      floats under value_range='auto'; a 'knn_bank' of the wrong shape.
-    TypeError: a traced `return_maps`.
+      floats under value_range='auto'; a 'knn_bank' of the wrong shape; a 'run_score'
+      of other networks.
+    TypeError: a traced `return_maps`; a 'run_score' that is not a `RunScore`.
   """
   out = score_details(params, images, lam=lam, return_maps=return_maps, value_range=value_range)
   return (out['score'], out['anomaly_map']) if return_maps else out['score']
 
 
-def score_maps(params, images, *, lam: float = DEFAULT_LAMBDA, value_range='auto'):
+def score_maps(params, images, *, lam: float | None = None, value_range='auto'):
   """(scores (N,), anomaly maps (N, isize, isize)): `score_fn` with maps, jittable as is.
 
   The map of an image is its per-pixel squared reconstruction error, (x - G(x))^2
   averaged over channels, on the [-1, 1] scale and unsmoothed (`anomaly_map`): the same
   map as localisation's 'rec' map, whose pixel AUROC, PRO and map scores a run reports
-  (those smooth it with config.localisation.sigma). No lambda enters it.
+  (those smooth it with config.localisation.sigma). No lambda enters it. The scores are
+  `score_fn`'s (the run's own).
 
   Arguments, checks and behaviour under jax.jit as `score_fn`.
   """

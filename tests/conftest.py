@@ -7,10 +7,13 @@ compiles about 3x faster; it changes code generation, not the computation.
 """
 
 import dataclasses
+import fcntl
 import importlib.util
 import json
 import os
 import pathlib
+import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,6 +94,39 @@ def pytest_runtest_makereport(item, call):
     report.sections.append(('random seed', f'{seed} (rerun with TEST_SEED={seed})'))
 
 
+# ------------------------------------------------------------------------------ order
+# pytest-xdist hands each worker whole test files (--dist=loadfile), in collection order
+# (--no-loadscope-reorder). The slowest files (measured with --durations; each mostly
+# compiles its programs) go first, so that none of them starts last and keeps one worker
+# busy while the others have finished. Files not listed follow, in name order.
+SLOW_FILES_FIRST = (
+  'test_multidevice.py',
+  'test_multiprocess.py',
+  'test_run_modes.py',
+  'test_train_step.py',
+  'test_main.py',
+  'test_scoring.py',
+  'test_one_truth.py',
+  'test_preemption.py',
+  'test_outputs_named.py',
+  'test_models.py',
+  'test_maps_and_contract.py',
+  'test_localisation.py',
+  'test_import_reference.py',
+  'test_reference_parity.py',
+  'test_export.py',
+  'test_ganomaly_step.py',
+  'test_layers.py',
+)
+
+
+def pytest_collection_modifyitems(items):
+  """Runs the files of SLOW_FILES_FIRST first, in that order (a stable sort: each file's
+  tests keep their order)."""
+  rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture
 def progress_bars(monkeypatch):
   """The tqdm progress bars that training creates (kept alive, so a bar that is never
@@ -116,6 +152,38 @@ def progress_bars(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ shared runs
+
+
+def built_once(tmp_path_factory, name: str, build):
+  """What `build(directory)` returns, built once per test session, however many workers.
+
+  Under pytest-xdist each worker process has its own session fixtures, so a run that
+  tests in several files use would be trained once per worker. Here the first worker to
+  ask builds it in `directory`, under the base temporary directory that all workers of
+  the session share (a file lock makes the others wait), and every worker reads the
+  picklable value `build` returned. Without xdist it is an ordinary session fixture.
+  """
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent  # The workers' basetemps are popen-gw0, popen-gw1, ... under it.
+  directory, done = base / f'built_once_{name}', base / f'built_once_{name}.pickle'
+  with open(base / f'built_once_{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes, even on an error.
+    if not done.exists():
+      shutil.rmtree(directory, ignore_errors=True)  # A build that failed in another worker.
+      directory.mkdir()
+      done.write_bytes(pickle.dumps(build(directory)))
+  return pickle.loads(done.read_bytes())
+
+
+def private_copy(tmp_path_factory, workdir: pathlib.Path, name: str) -> pathlib.Path:
+  """A copy of a shared run's workdir for this worker: tests write into their run (exports,
+  score CSVs), and workers run at the same time."""
+  copy = tmp_path_factory.mktemp(name)
+  shutil.copytree(workdir, copy, dirs_exist_ok=True)
+  return copy
+
+
 # The few small training runs that many tests use are trained once per session (below),
 # on DIGITS: 500 of the offline MNIST digits (50 of each, seeded) in an .npz read by the
 # 'arrays' source, with GANomaly's protocol and digit 0 abnormal as in configs/demo.py.
@@ -136,6 +204,11 @@ CLI_EPOCHS, CLI_STEPS = 2, 20
 def digits_npz(tmp_path_factory) -> str:
   """Path of the DIGITS .npz: images (500, 32, 32, 1) uint8 (the offline digits as the
   'mnist_offline' source makes them), labels, class_names 'zero'..'nine'."""
+  return built_once(tmp_path_factory, 'digits', write_digits)
+
+
+def write_digits(directory: pathlib.Path) -> str:
+  """Writes DIGITS to directory/digits.npz; returns its path."""
   from skipganomaly_jax.data import sources  # noqa: PLC0415
 
   pool = sources.mnist_offline_pool(32, 1, seed=0)
@@ -148,7 +221,7 @@ def digits_npz(tmp_path_factory) -> str:
       ]
     )
   )
-  path = tmp_path_factory.mktemp('digits') / 'digits.npz'
+  path = directory / 'digits.npz'
   np.savez(
     path, images=pool.images[keep], labels=pool.labels[keep], class_names=np.array(DIGIT_NAMES)
   )
@@ -223,13 +296,17 @@ def cli_run(tmp_path_factory, digits_npz) -> CliRun:
     '--config.log_every_steps=1',
     '--config.eval_batch_size=64',
   )
-  workdir = tmp_path_factory.mktemp('cli_run')
-  proc = subprocess.run(
-    main_cmd(workdir, *flags), cwd=ROOT, capture_output=True, text=True, timeout=900
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'AUROC' in proc.stdout and str(workdir) in proc.stdout
-  return CliRun(workdir, flags, proc.stderr)
+
+  def train(workdir):
+    proc = subprocess.run(
+      main_cmd(workdir, *flags), cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'AUROC' in proc.stdout and str(workdir) in proc.stdout
+    return CliRun(workdir, flags, proc.stderr)
+
+  run = built_once(tmp_path_factory, 'cli_run', train)
+  return dataclasses.replace(run, workdir=private_copy(tmp_path_factory, run.workdir, 'cli_run'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,9 +328,32 @@ def knn_run(tmp_path_factory, digits_npz) -> InProcessRun:
   config = digits_config(digits_npz)
   config.score_kind = 'latent_knn'
   config.num_epochs, config.max_steps_per_epoch = 1, 2
-  workdir = tmp_path_factory.mktemp('knn_run')
-  report = train.train_and_evaluate(config, str(workdir))
-  return InProcessRun(workdir, config, report)
+  run = built_once(
+    tmp_path_factory,
+    'knn_run',
+    lambda workdir: InProcessRun(workdir, config, train.train_and_evaluate(config, str(workdir))),
+  )
+  return dataclasses.replace(run, workdir=private_copy(tmp_path_factory, run.workdir, 'knn_run'))
+
+
+@pytest.fixture(scope='session')
+def ganomaly_run(tmp_path_factory, digits_npz) -> InProcessRun:
+  """The tiny GANomaly run (model.name = 'ganomaly', widths 8, nz 16, latent k-NN, 1 epoch
+  of 2 steps) on DIGITS, trained in process: test_ganomaly_run.py's end-to-end checks,
+  test_one_truth.py's GANomaly networks."""
+  from skipganomaly_jax.training import train  # noqa: PLC0415
+
+  config = digits_config(digits_npz)
+  config.model.name, config.score_kind = 'ganomaly', 'latent_knn'
+  config.num_epochs, config.max_steps_per_epoch = 1, 2
+  run = built_once(
+    tmp_path_factory,
+    'ganomaly_run',
+    lambda workdir: InProcessRun(workdir, config, train.train_and_evaluate(config, str(workdir))),
+  )
+  return dataclasses.replace(
+    run, workdir=private_copy(tmp_path_factory, run.workdir, 'ganomaly_run')
+  )
 
 
 def run_isolated(code: str, cwd) -> dict:

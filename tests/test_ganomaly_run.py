@@ -1,7 +1,7 @@
 """A GANomaly run end to end: trained, loaded, and scored by the same functions as Skip-GANomaly.
 
-One tiny run (configs/demo.py's 5,000 offline digits, model.name = 'ganomaly', ngf = ndf
-= 8, nz = 16, one epoch of 2 steps, latent k-NN score) trained by
+One tiny run (the session's `ganomaly_run`: 500 offline digits, model.name = 'ganomaly',
+ngf = ndf = 8, nz = 16, one epoch of 2 steps, latent k-NN score) trained by
 `train.train_and_evaluate`; `load` reads it back as a GANomaly model, and `score_fn` is
 checked against the GANomaly score and the latent k-NN score written out here from the
 networks' outputs (numpy, float64).
@@ -12,7 +12,6 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import load_config
 
 import skipganomaly_jax
 from skipganomaly_jax import config as config_lib
@@ -20,26 +19,14 @@ from skipganomaly_jax.data import sources
 from skipganomaly_jax.nets.ganomaly import GanomalyDiscriminator, GanomalyGenerator
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.scoring import localisation, scores
-from skipganomaly_jax.training import train
 
 NGF, NZ = 8, 16
 
 
-def ganomaly_demo_config():
-  config = load_config('demo')
-  config.model.name = 'ganomaly'
-  config.model.ngf, config.model.ndf, config.model.nz = NGF, NGF, NZ
-  config.num_epochs, config.max_steps_per_epoch = 1, 2
-  config.eval_batch_size = 512
-  config.score_kind = 'latent_knn'
-  return config
-
-
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('ganomaly_run')
-  report = train.train_and_evaluate(ganomaly_demo_config(), str(workdir))
-  return workdir, report
+def run(ganomaly_run):
+  """(workdir, training report) of the session's GANomaly run (conftest.ganomaly_run)."""
+  return ganomaly_run.workdir, ganomaly_run.report
 
 
 @pytest.fixture(scope='module')

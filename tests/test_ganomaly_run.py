@@ -4,10 +4,13 @@ One tiny run (the session's `ganomaly_run`: 500 offline digits, model.name = 'ga
 ngf = ndf = 8, nz = 16, one epoch of 2 steps, latent k-NN score) trained by
 `train.train_and_evaluate`; `load` reads it back as a GANomaly model, and `score_fn` is
 checked against the GANomaly score and the latent k-NN score written out here from the
-networks' outputs (numpy, float64).
+networks' outputs (numpy, float64). The same run preempted by SIGTERM after its first
+step and resumed ends bitwise where the uninterrupted one ends.
 """
 
 import json
+import os
+import signal
 
 import jax
 import numpy as np
@@ -19,6 +22,7 @@ from skipganomaly_jax.data import sources
 from skipganomaly_jax.nets.ganomaly import GanomalyDiscriminator, GanomalyGenerator
 from skipganomaly_jax.nets.models import ModelSpec
 from skipganomaly_jax.scoring import localisation, scores
+from skipganomaly_jax.training import checkpointing, train
 
 NGF, NZ = 8, 16
 
@@ -142,3 +146,53 @@ def test_a_bank_of_the_wrong_code_size_is_named(loaded, digits):
   empty = skipganomaly_jax.score_details(loaded[0], digits[:0])
   assert empty['code'].shape == (0, NZ) and empty['score'].shape == (0,)
   assert scores.score_fn(loaded[0], digits[:0]).shape == (0,)
+
+
+def stored_states(workdir, step: int) -> dict:
+  """Everything checkpointed at `step`: G's and D's params, BatchNorm statistics,
+  optimizer states and step counts, and the k-NN bank (as plain arrays)."""
+  with checkpointing.Checkpointer(workdir / 'checkpoints') as ckpt:
+    state, meta = ckpt.restore(step, ckpt.abstract_state(step))
+  return jax.device_get(state), meta
+
+
+def test_preempted_and_resumed_equals_the_uninterrupted_run(
+  ganomaly_run, tmp_path, monkeypatch, progress_bars
+):
+  """SIGTERM after step 1 of 2 (a real signal to this process, handled by the training's
+  preemption flag): a checkpoint of step 1 and no evaluation; the same call again resumes
+  there, and its step-2 checkpoint (networks, optimizer states, bank) and report equal
+  `ganomaly_run`'s, which trained the same config without a stop."""
+  config = ganomaly_run.config.copy_and_resolve_references()
+  config.log_every_steps = 1  # So that the hook below sees step 1 (no effect on training).
+  logged = train.check_and_log
+
+  def sigterm_after_step_1(ctx, pending, pbar, tick):
+    logged(ctx, pending, pbar, tick)
+    if pending and pending[-1][0] == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train, 'check_and_log', sigterm_after_step_1)
+  assert train.train_and_evaluate(config, str(tmp_path)) == {}  # Preempted: no evaluation.
+  with checkpointing.Checkpointer(tmp_path / 'checkpoints') as ckpt:
+    assert ckpt.all_steps() == [1]
+    meta = ckpt.restore_meta()
+  assert meta['data_iterator'] == {'epoch': 0, 'step_in_epoch': 1}
+  assert meta['calibration'] is None and meta['history'] == []
+  monkeypatch.setattr(train, 'check_and_log', logged)
+  report = train.train_and_evaluate(config, str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  # Resumed at step 2: no step trained twice (a restart from scratch would log 1 again).
+  assert [r['step'] for r in records if 'train/g_loss' in r] == [1, 2]
+  got, got_meta = stored_states(tmp_path, 2)
+  want, want_meta = stored_states(ganomaly_run.workdir, 2)
+  assert set(got) == set(want) == {'g', 'd', 'knn_bank'}
+  assert 'opt_state' in got['g'] and 'encoder2' in got['g']['params']
+  # Bitwise: the same compiled step on the same batches and keys.
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  end_of_epoch = {'epoch': 1, 'step_in_epoch': 0}
+  assert got_meta['data_iterator'] == want_meta['data_iterator'] == end_of_epoch
+  assert got_meta['calibration'] == want_meta['calibration']
+  for key in ('auroc', 'paper_score_auroc', 'latent_knn_auroc', 'step', 'epoch'):
+    assert report[key] == ganomaly_run.report[key], key
+  assert progress_bars and all(bar.closed for bar in progress_bars)

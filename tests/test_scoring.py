@@ -1,5 +1,7 @@
 """score_fn against a numpy recomputation from the models' outputs; bad inputs."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -14,30 +16,47 @@ from skipganomaly_jax.scoring.scores import knn_distance, normalise_codes, scori
 from skipganomaly_jax.training import training_step
 
 
-@pytest.fixture(scope='module')
-def params():
+@functools.cache
+def tiny_variables(model: str = 'skipganomaly'):
+  """Scoring variables of a freshly initialised tiny `model` (32x32x1)."""
   import conftest  # noqa: PLC0415
 
   config = conftest.tiny(conftest.load_config('default'))
-  config.nc = 1
+  config.nc, config.model.name = 1, model
   spec = training_step.StepSpec.from_specs(config_lib.specs(config))
   g, d = training_step.create_train_states(spec, jax.random.key(0))
   # Non-trivial running statistics, as after training.
+  g = g.replace(batch_stats=jax.tree.map(lambda v: v + 0.2, g.batch_stats))
   d = d.replace(batch_stats=jax.tree.map(lambda v: v + 0.3, d.batch_stats))
   return scoring_variables(g, d)
 
 
+@pytest.fixture(scope='module')
+def params():
+  return tiny_variables()
+
+
 def numpy_scores(params, images, lam=0.9, train=False):
-  """(paper scores, maps) in float64 from the networks' outputs (BatchNorm as `train`)."""
+  """(paper scores, maps) in float64 from the networks' outputs (BatchNorm as `train`).
+
+  The paper score of each model as its paper defines it: Skip-GANomaly's
+  lam * rec + (1 - lam) * lat (reconstruction and D-feature errors), GANomaly's
+  mean over the code of (z - z')^2 (encoder1's code of x, encoder2's of G(x))."""
   spec = ModelSpec.from_variables(params)
   apply = lambda model, v, x: model.apply(v, x, train=train, mutable=['batch_stats'])[0]
-  x_hat = np.asarray(apply(spec.generator(), params['generator'], images), np.float64)
+  out = apply(spec.generator(), params['generator'], images)
+  as64 = lambda a: np.asarray(a, np.float64)
+  x_hat = as64(out[0] if spec.name == 'ganomaly' else out)
   _, f_real = apply(spec.discriminator(), params['discriminator'], images)
   _, f_fake = apply(spec.discriminator(), params['discriminator'], x_hat.astype(np.float32))
-  x = np.asarray(images, np.float64)
+  x = as64(images)
   rec = ((x - x_hat) ** 2).mean(axis=(1, 2, 3))
-  lat = ((np.asarray(f_real, np.float64) - np.asarray(f_fake, np.float64)) ** 2).mean(axis=1)
-  return lam * rec + (1 - lam) * lat, ((x - x_hat) ** 2).mean(axis=-1)
+  lat = ((as64(f_real) - as64(f_fake)) ** 2).mean(axis=1)
+  if spec.name == 'ganomaly':
+    paper = ((as64(out[1]) - as64(out[2])) ** 2).mean(axis=1)
+  else:
+    paper = lam * rec + (1 - lam) * lat
+  return paper, ((x - x_hat) ** 2).mean(axis=-1)
 
 
 def test_scores_and_maps_match_numpy(params, rng):
@@ -232,8 +251,11 @@ def test_batch_sizes_compile_a_bounded_number_of_programs(params, rng):
   assert scores._score_batch._cache_size() == 2
 
 
-def test_dataset_scorer_and_the_reference_protocol(params, rng):
+@pytest.mark.parametrize('model', ['skipganomaly', 'ganomaly'])
+def test_dataset_scorer_and_the_reference_protocol(model, rng):
+  params = tiny_variables(model)
   spec = ModelSpec.from_variables(params)
+  assert spec.name == model
   mesh = Mesh(np.asarray(jax.devices()), (evaluation.AXIS,))
   scorer = skipganomaly_jax.DatasetScorer(spec, mesh, 4 * mesh.size, 0.9)
   images = rng.integers(0, 256, (6 * mesh.size, 32, 32, 1), dtype=np.uint8)  # Padded.
@@ -245,8 +267,11 @@ def test_dataset_scorer_and_the_reference_protocol(params, rng):
     scorer(params, images, keys=('code',))['code'], want['code'], atol=1e-6
   )
   empty = scorer(params, images[:0], keys=('code',))['code']
-  assert empty.shape == (0, 8 * spec.ngf)
-  # The reference's protocol: train-mode BatchNorm over in-order batches of 64 (+ the rest).
+  # Skip-GANomaly's code: the U-Net bottleneck; GANomaly's: encoder1's nz code.
+  assert empty.shape == (0, {'skipganomaly': 8 * spec.ngf, 'ganomaly': spec.nz}[model])
+  # The reference's protocol: train-mode BatchNorm over in-order batches of 64 (+ the rest),
+  # the model's own paper score (GANomaly: measured 7e-7 from the float64 recomputation;
+  # with eval-mode BatchNorm it would be off by a factor ~1000, and one batch of 66 by 14%).
   images = rng.integers(0, 256, (66, 32, 32, 1), dtype=np.uint8)
   x = images.astype(np.float32) / 127.5 - 1.0
   expected = np.concatenate(

@@ -361,17 +361,16 @@ def ganomaly_run(tmp_path_factory, digits_npz) -> InProcessRun:
   )
 
 
+def run_json(cmd: list, env: dict, cwd=ROOT, timeout: int = 300) -> dict:
+  """Runs the command `cmd` (a subprocess), which must exit 0 (else its stderr's end is
+  the failure message); returns the JSON object its last printed line holds."""
+  proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_isolated(code: str, cwd) -> dict:
   """Runs `code` in a fresh interpreter that cannot import this repository (-I, no
   PYTHONPATH), in `cwd`; returns the JSON object its last printed line holds."""
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-  proc = subprocess.run(
-    [sys.executable, '-I', '-c', code],
-    cwd=cwd,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_json([sys.executable, '-I', '-c', code], env, cwd=cwd)

@@ -4,13 +4,12 @@ and the same parameters after training steps; `config.device_data` selects it.""
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE, ROOT, load_config, tiny
+from conftest import FAST_COMPILE, ROOT, load_config, run_json, tiny
 
 from skipganomaly_jax import config as config_lib
 from skipganomaly_jax import parallel as mesh_lib
@@ -51,16 +50,7 @@ def test_each_device_gets_the_host_paths_rows():
   seed = int(os.environ.get('TEST_SEED') or 3)
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE)
   env['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=4'
-  proc = subprocess.run(
-    [sys.executable, str(ROOT / 'tests' / 'device_data_check.py'), str(seed)],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  report = run_json([sys.executable, str(ROOT / 'tests' / 'device_data_check.py'), str(seed)], env)
   assert report['devices'] == 4
   assert report['same_global'] and report['same_shards'] and report['same_as_processes'], report
   assert 'batch' in report['sharding'], report

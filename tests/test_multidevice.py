@@ -7,15 +7,12 @@ With MULTIDEVICE_ON_DEVICE=1 (benchmarks/gpu.sh sets it) the subprocess runs on 
 default backend's devices (e.g. one GPU) instead of 8 simulated CPU devices.
 """
 
-import json
 import os
-import pathlib
-import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, run_json
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 ON_DEVICE = os.environ.get('MULTIDEVICE_ON_DEVICE') == '1'
 
 
@@ -24,16 +21,8 @@ def run_check(*args) -> dict:
   if not ON_DEVICE:
     flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=8'
     env.update(XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
-  proc = subprocess.run(
-    [sys.executable, str(ROOT / 'tests' / 'multidevice_check.py'), *map(str, args)],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  check = [sys.executable, str(ROOT / 'tests' / 'multidevice_check.py'), *map(str, args)]
+  return run_json(check, env, timeout=600)
 
 
 MODELS = ('skipganomaly', 'ganomaly')
